@@ -1,0 +1,251 @@
+"""GLMConfig: one dataclass for every GLM family, read from THUDM's config.json or from YAML."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+ROPE_SCALINGS = ("position", "base")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix: the message names the key/file and the fix."""
+
+
+@dataclass
+class GLMConfig:
+    """Hyper-parameters of a GLM network plus the few runtime switches the model needs.
+
+    Field names follow THUDM's ChatGLM2/3 config.json; ChatGLM-6B's keys are mapped onto them
+    (`inner_hidden_size` -> `ffn_hidden_size`, `max_sequence_length` -> `seq_length`).
+    """
+
+    family: str = "chatglm2"
+    vocab_size: int = 65024
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    multi_query_group_num: int = 2
+    ffn_hidden_size: int = 13696
+    seq_length: int = 32768
+    layernorm_epsilon: float = 1e-5
+    rmsnorm: bool = True
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = False
+    post_layer_norm: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    rotary_base: float = 10000.0
+    rope_ratio: float = 1.0
+    # How rope_ratio stretches the context: "position" divides positions (chatglm2-6b-32k),
+    # "base" multiplies the rotary base (chatglm3-6b-32k). None: the family decides.
+    rope_scaling: Optional[str] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Union[int, list, None] = 2
+    pad_token_id: Optional[int] = 0
+    mask_token_id: Optional[int] = None
+    gmask_token_id: Optional[int] = None
+    # runtime
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    use_past: bool = False
+    use_flash_attention: bool = False
+    max_batch_size: int = 1
+    prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
+    name_or_path: str = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads actually stored (GLM v1: one per query head)."""
+        return self.multi_query_group_num
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head that are rotated: ChatGLM2/3 rotate the first half."""
+        return self.head_dim // 2
+
+    @property
+    def effective_rope_scaling(self) -> str:
+        if self.rope_scaling is not None:
+            return self.rope_scaling
+        return "base" if self.family == "chatglm3" else "position"
+
+    @property
+    def eos_token_ids(self) -> list:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name], "GLMConfig")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"config key 'family' is {self.family!r}; expected one of {FAMILIES}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"config key 'rope_scaling' is {self.rope_scaling!r}; expected one of {ROPE_SCALINGS}")
+        for key in ("compute_dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"config key '{key}' is {getattr(self, key)!r}; expected one of {DTYPES}")
+        if self.num_attention_heads % self.multi_query_group_num:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"multi_query_group_num ({self.multi_query_group_num})")
+        if self.family == "chatglm" and self.multi_query_group_num != self.num_attention_heads:
+            raise ConfigError("ChatGLM-6B has one key/value head per query head: set "
+                              "multi_query_group_num equal to num_attention_heads")
+        if self.family == "chatglm":
+            for key in ("bos_token_id", "mask_token_id", "gmask_token_id"):
+                if getattr(self, key) is None:
+                    raise ConfigError(f"ChatGLM-6B needs '{key}' in its config (see config.json)")
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_channels",
+                    "multi_query_group_num", "ffn_hidden_size", "seq_length", "max_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
+
+    # ------------------------------------------------------------------ readers
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "GLMConfig":
+        """Build from mindglm field names (YAML `model.model_config`); unknown keys are errors."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown config key '{key}' (known keys: {', '.join(sorted(known))})")
+            _check_type(key, value, _FIELD_TYPES[key], source)
+        return cls(**values)
+
+    @classmethod
+    def from_thudm(cls, path: str, **overrides) -> "GLMConfig":
+        """Read THUDM's config.json (a file, or a model directory that holds one)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json at {path}: point to a THUDM model directory "
+                              "(config.json + weights) or to the config.json itself")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download config.json") from exc
+        values = thudm_to_fields(raw, source=path)
+        values.update(overrides)
+        return cls.from_dict(values, source=path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys of THUDM config.json files that describe training or PyTorch details with no effect here.
+_THUDM_IGNORED = {
+    "_name_or_path", "architectures", "auto_map", "model_type", "use_cache", "torch_dtype",
+    "transformers_version", "apply_query_key_layer_scaling", "attention_softmax_in_fp32",
+    "fp32_residual_connection", "bias_dropout_fusion", "hidden_dropout", "attention_dropout",
+    "original_rope", "multi_query_attention", "classifier_dropout", "position_encoding_2d",
+    "pre_seq_len", "prefix_projection", "quantization_bit", "interleaved_qkv", "num_image_tokens",
+    "max_length", "initializer_range", "is_encoder_decoder",
+}
+# THUDM key -> mindglm field
+_THUDM_RENAMED = {
+    "padded_vocab_size": "vocab_size",
+    "inner_hidden_size": "ffn_hidden_size",
+    "max_sequence_length": "seq_length",
+}
+
+
+def detect_family(raw: dict) -> str:
+    """ChatGLM-6B has 2D positions; ChatGLM2 and ChatGLM3 differ only in `_name_or_path`."""
+    if "position_encoding_2d" in raw or "inner_hidden_size" in raw:
+        return "chatglm"
+    name = str(raw.get("_name_or_path", "")).lower()
+    return "chatglm3" if "chatglm3" in name else "chatglm2"
+
+
+def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
+    """Map a THUDM config.json dict onto GLMConfig field names."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    if raw.get("pre_seq_len"):
+        raise ConfigError(f"{source}: pre_seq_len={raw['pre_seq_len']} is a P-Tuning v2 checkpoint; "
+                          "mindglm does not load prefix encoders yet: use the base model's config")
+    if raw.get("quantization_bit"):
+        raise ConfigError(f"{source}: quantization_bit={raw['quantization_bit']} checkpoints are not "
+                          "supported: convert the unquantized weights")
+    family = detect_family(raw)
+    values: dict[str, Any] = {"family": family, "name_or_path": str(raw.get("_name_or_path", ""))}
+    known = {f.name for f in dataclasses.fields(GLMConfig)}
+    for key, value in raw.items():
+        if key in _THUDM_IGNORED:
+            continue
+        name = _THUDM_RENAMED.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{source}: unknown config key '{key}'; is this a THUDM ChatGLM config.json?")
+        if value is None and name not in ("eos_token_id", "bos_token_id", "pad_token_id",
+                                          "mask_token_id", "gmask_token_id", "rope_ratio"):
+            raise ConfigError(f"{source}: config key '{key}' is null")
+        if value is None:
+            continue
+        values[name] = value
+    if family == "chatglm":
+        heads = values.get("num_attention_heads", 32)
+        values.setdefault("kv_channels", values.get("hidden_size", 4096) // heads)
+        values["multi_query_group_num"] = heads
+        values.update(rmsnorm=False, add_qkv_bias=True, add_bias_linear=True, post_layer_norm=True,
+                      tie_word_embeddings=True)
+    else:
+        values.setdefault("bos_token_id", None)
+    if isinstance(values.get("rope_ratio"), int):
+        values["rope_ratio"] = float(values["rope_ratio"])
+    if isinstance(values.get("layernorm_epsilon"), int):
+        values["layernorm_epsilon"] = float(values["layernorm_epsilon"])
+    return values
+
+
+_FIELD_TYPES = {
+    "family": str, "vocab_size": int, "hidden_size": int, "num_layers": int,
+    "num_attention_heads": int, "kv_channels": int, "multi_query_group_num": int,
+    "ffn_hidden_size": int, "seq_length": int, "layernorm_epsilon": float, "rmsnorm": bool,
+    "add_qkv_bias": bool, "add_bias_linear": bool, "post_layer_norm": bool,
+    "apply_residual_connection_post_layernorm": bool, "tie_word_embeddings": bool,
+    "rotary_base": float, "rope_ratio": float, "rope_scaling": (str, type(None)),
+    "bos_token_id": (int, type(None)), "eos_token_id": (int, list, type(None)),
+    "pad_token_id": (int, type(None)), "mask_token_id": (int, type(None)),
+    "gmask_token_id": (int, type(None)), "compute_dtype": str, "param_dtype": str,
+    "use_past": bool, "use_flash_attention": bool, "max_batch_size": int, "prefill_buckets": list,
+    "name_or_path": str,
+}
+
+
+def _check_type(key: str, value: Any, expected, source: str):
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = isinstance(value, types)
+    if isinstance(value, bool) and bool not in types:
+        ok = False  # True is an int in Python; a bool where a number belongs is a mistake
+    if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ConfigError(f"{source}: config key '{key}' must be {names}, got {value!r} "
+                          f"({type(value).__name__})")
+    if key == "eos_token_id" and isinstance(value, list) and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{source}: config key 'eos_token_id' must be an int or a list of ints")
+    if key == "prefill_buckets" and not all(isinstance(v, int) and v > 0 for v in value):
+        raise ConfigError(f"{source}: config key 'prefill_buckets' must be a list of positive ints")
