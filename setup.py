@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["mindglm", "mindglm.*", "ckpt_convert", "ckpt_convert.*"]),
     install_requires=[
         "mindspore==2.10.0",
-        "numpy",
+        "numpy<2",  # MindSpore 2.10 wheels are built against the NumPy 1.x ABI
         "sentencepiece",
         "pyyaml",
         "safetensors",

@@ -1,0 +1,8 @@
+"""Model families. Each family module provides `build_network(config)`,
+`prepare_positions(config, input_ids, attention_mask, position_ids)` and `POSITION_STEP`."""
+from mindglm.models import glm, glm2
+
+
+def family_module(config):
+    """The module implementing `config.family`."""
+    return glm if config.family == "chatglm" else glm2

@@ -1,0 +1,124 @@
+"""The GLM transformer skeleton shared by every family.
+
+A family (glm.py, glm2.py) supplies its norm, MLP, rotary layout and residual rule; this file
+reads top to bottom the same for all of them:
+
+    h = embed(ids)
+    for block: x = norm(h); h = residual(h, x) + attn(x); x = norm(h); h = residual(h, x) + mlp(x)
+    logits = output(final_norm(h))
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindglm.models.cache import KVCache, cache_scatter_index
+from mindglm.models.layers import Embedding, Linear, SelfAttention, attention_mask, ms_dtype
+
+
+class Block(nn.Cell):
+    """One transformer layer. GLM v1 takes its residual from the norm output, scaled by alpha."""
+
+    def __init__(self, input_norm, attention: SelfAttention, post_attention_norm, mlp,
+                 residual_from_norm: bool, residual_scale: float = 1.0):
+        super().__init__()
+        self.input_norm = input_norm
+        self.attention = attention
+        self.post_attention_norm = post_attention_norm
+        self.mlp = mlp
+        self.residual_from_norm = residual_from_norm
+        self.residual_scale = residual_scale
+
+    def _residual(self, h, x):
+        if not self.residual_from_norm:
+            return h
+        if self.residual_scale == 1.0:
+            return x
+        return x * self.residual_scale
+
+    def construct(self, h, cos, sin, mask, cache_index=None):
+        x = self.input_norm(h)
+        h = self._residual(h, x) + self.attention(x, cos, sin, mask, cache_index)
+        x = self.post_attention_norm(h)
+        return self._residual(h, x) + self.mlp(x)
+
+
+class RotaryTable(nn.Cell):
+    """Per-token cos/sin from position ids [batch, channels, seq] (channels: 1, or 2 for GLM v1).
+
+    Each channel gathers its own row of the angle table; the channels are concatenated on the
+    feature axis, giving [batch, seq, 1, channels * width] ready to broadcast over heads.
+    """
+
+    def __init__(self, angles: np.ndarray):
+        super().__init__()
+        self.cos_table = Tensor(np.cos(angles).astype(np.float32), ms.float32)
+        self.sin_table = Tensor(np.sin(angles).astype(np.float32), ms.float32)
+
+    def construct(self, position_ids):
+        channels = position_ids.shape[1]
+        cos = ops.gather(self.cos_table, position_ids[:, 0], 0)
+        sin = ops.gather(self.sin_table, position_ids[:, 0], 0)
+        if channels == 2:
+            cos = ops.concat((cos, ops.gather(self.cos_table, position_ids[:, 1], 0)), -1)
+            sin = ops.concat((sin, ops.gather(self.sin_table, position_ids[:, 1], 0)), -1)
+        return cos.expand_dims(2), sin.expand_dims(2)
+
+
+class GLMTransformer(nn.Cell):
+    """Embedding, blocks, final norm and output projection (tied to the embedding for GLM v1).
+
+    Inputs (all int32 Tensors, built on the host by the family's input preparation):
+      input_ids [batch, seq]; position_ids [batch, channels, seq];
+      key_valid [batch, keys] — which keys are real (keys = seq without cache, cache size with);
+      query_slots [seq] — each query's index on the key axis; prefix_lengths [batch] — keys every
+      query may see (GLM v1's bidirectional context), 0 for ChatGLM2/3;
+      cache_slots [seq] or None — where to write new keys/values in the KV cache.
+    `last_only` projects only the final position to the vocabulary (what generation needs).
+    """
+
+    def __init__(self, config, blocks, final_norm, rotary_table: RotaryTable):
+        super().__init__()
+        self.config = config
+        self.kv_heads = config.kv_heads
+        param_dtype = ms_dtype(config.param_dtype)
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.embedding = Embedding(config.vocab_size, config.hidden_size, param_dtype)
+        self.layers = nn.CellList(blocks)
+        self.final_norm = final_norm
+        self.rotary_table = rotary_table
+        self.output = None
+        if not config.tie_word_embeddings:
+            self.output = Linear(config.hidden_size, config.vocab_size, False, param_dtype, self.compute_dtype)
+        self.logits_matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, input_ids, position_ids, key_valid, query_slots, prefix_lengths,
+                  cache_slots=None, last_only=False):
+        h = self.embedding(input_ids).astype(self.compute_dtype)
+        cos, sin = self.rotary_table(position_ids)
+        mask = attention_mask(key_valid, query_slots, prefix_lengths, key_valid.shape[1])
+        cache_index = None
+        if cache_slots is not None:
+            cache_index = cache_scatter_index(input_ids.shape[0], self.kv_heads, cache_slots)
+        for block in self.layers:
+            h = block(h, cos, sin, mask, cache_index)
+        if last_only:
+            h = h[:, -1:, :]
+        h = self.final_norm(h)
+        return self.project(h)
+
+    def setup_caches(self, batch: int, max_seq: int):
+        """Attach a KVCache of `max_seq` slots for `batch` rows to every attention layer."""
+        dtype = self.compute_dtype
+        for index, block in enumerate(self.layers):
+            block.attention.cache = KVCache(batch, self.kv_heads, max_seq, self.config.head_dim, dtype,
+                                            name=f"layers.{index}.attention.cache")
+
+    def project(self, h):
+        """Hidden states [batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""
+        if self.output is not None:
+            return self.output(h).astype(ms.float32)
+        batch, seq, hidden = h.shape
+        logits = self.logits_matmul(h.reshape(-1, hidden), self.embedding.weight.astype(self.compute_dtype))
+        return logits.reshape(batch, seq, -1).astype(ms.float32)

@@ -1,0 +1,112 @@
+"""ChatGLM-6B (GLM v1): 2D rotary positions, bidirectional context, blank infilling.
+
+What is particular to this family, on top of models/base.py:
+- LayerNorm with bias; GELU (tanh form) MLP with biases; output tied to the word embedding;
+- each residual is taken from the norm output and scaled by alpha = sqrt(2 * 28): THUDM's
+  ChatGLMModel never passes num_layers to GLMBlock, whose default is 28, so alpha is that of the
+  28-layer model whatever config.num_layers says (the golden fixtures, 2 layers, confirm it);
+- the query is scaled by 1 / (sqrt(head_dim) * layer_number) and the float32 scores multiplied
+  back by layer_number, as the reference does;
+- 2D rotary: the first half of each head is rotated by the position id, the second half by the
+  block position id, each half rotate-half (NeoX) style. Everything before `<sop>` is the
+  context (positions 0..n-1, attended bidirectionally); from `<sop>` on the position stays at the
+  mask token's index while the block position counts 1, 2, 3, ...
+
+Layout difference from THUDM: the fused qkv rows are regrouped at conversion from per-head
+interleaved (q, k, v of head 0, then head 1, ...) to [all q | all k | all v], so the attention
+Cell is the one ChatGLM2/3 use (see mindglm/checkpoint.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import nn, ops
+
+from mindglm.models.base import Block, GLMTransformer, RotaryTable
+from mindglm.models.layers import (LayerNorm, Linear, Rotary, SelfAttention, ms_dtype, rotary_angle_table,
+                                   rotary_frequencies, rotate_half_matrix)
+
+# GLMBlock's default num_layers in the reference, the one its residual scale is computed from.
+ALPHA_NUM_LAYERS = 28
+
+# Generation keeps the position at the mask token and advances the block position.
+POSITION_STEP = np.array([0, 1], np.int64)
+
+
+class GeluMLP(nn.Cell):
+    """down(gelu_tanh(up(x))) with biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        param_dtype, compute_dtype = ms_dtype(config.param_dtype), ms_dtype(config.compute_dtype)
+        self.up = Linear(config.hidden_size, config.ffn_hidden_size, True, param_dtype, compute_dtype)
+        self.down = Linear(config.ffn_hidden_size, config.hidden_size, True, param_dtype, compute_dtype)
+
+    def construct(self, x):
+        # MindSpore's fused tanh-GELU is accurate to ~5e-7; its CPU ops.tanh alone is only ~1e-4.
+        return self.down(ops.gelu(self.up(x), approximate="tanh"))
+
+
+def rotary_angles(config) -> np.ndarray:
+    """[seq_length, head_dim / 2] angles in rotate-half layout (frequencies written twice)."""
+    inv_freq = rotary_frequencies(config.head_dim // 2, config.rotary_base)
+    angles = rotary_angle_table(config.seq_length, inv_freq)
+    return np.concatenate([angles, angles], axis=1)
+
+
+def two_half_rotation(head_dim: int) -> np.ndarray:
+    """Block-diagonal rotate-half for the position half and the block-position half."""
+    half = rotate_half_matrix(head_dim // 2)
+    rot = np.zeros((head_dim, head_dim), np.float32)
+    rot[: head_dim // 2, : head_dim // 2] = half
+    rot[head_dim // 2:, head_dim // 2:] = half
+    return rot
+
+
+def build_network(config) -> GLMTransformer:
+    """The ChatGLM-6B network with zero weights (load a checkpoint into it)."""
+    norm = lambda: LayerNorm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+    rotary = Rotary(config.head_dim, config.head_dim, two_half_rotation(config.head_dim))
+    alpha = math.sqrt(2 * ALPHA_NUM_LAYERS)
+    blocks = []
+    for layer_number in range(1, config.num_layers + 1):
+        attention = SelfAttention(config, rotary, 1.0 / (math.sqrt(config.head_dim) * layer_number),
+                                  score_scale=float(layer_number))
+        blocks.append(Block(norm(), attention, norm(), GeluMLP(config), residual_from_norm=True,
+                            residual_scale=alpha))
+    return GLMTransformer(config, blocks, norm(), RotaryTable(rotary_angles(config)))
+
+
+def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, position_ids=None):
+    """2D position ids [batch, 2, seq] and context (prefix) lengths [batch], from the ids.
+
+    For each row (after its left padding): the context ends at `<sop>` (bos_token_id); positions
+    count 0..n-1 over the context and stay at the mask token's index afterwards ([gMASK] if the
+    row has one, else [MASK]); block positions are 0 over the context, then 1, 2, 3, ...
+    The prefix length returned is in slot units (padding included), so the mask can compare
+    key slots with it directly.
+    """
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        attention_mask = np.ones((batch, seq), np.int64)
+    positions = np.zeros((batch, 2, seq), np.int64)
+    prefix_lengths = np.zeros((batch,), np.int64)
+    for row in range(batch):
+        start = int(np.argmax(attention_mask[row] > 0)) if attention_mask[row].any() else seq
+        tokens = [int(t) for t in input_ids[row, start:]]
+        length = len(tokens)
+        context = tokens.index(config.bos_token_id) if config.bos_token_id in tokens else length
+        position = np.arange(length)
+        block = np.zeros(length, np.int64)
+        for mask_id in (config.gmask_token_id, config.mask_token_id):
+            if mask_id in tokens:
+                position[context:] = tokens.index(mask_id)
+                break
+        block[context:] = np.arange(1, length - context + 1)
+        positions[row, 0, start:] = position
+        positions[row, 1, start:] = block
+        prefix_lengths[row] = start + context
+    if position_ids is not None:
+        positions = np.asarray(position_ids, np.int64).reshape(batch, 2, seq)
+    return positions, prefix_lengths

@@ -1,0 +1,246 @@
+"""Cells shared by every GLM family: linear layers, norms, rotary embedding, attention.
+
+The families differ only in small, named ways (see glm.py and glm2.py); everything here is
+written once. Matrices are stored [out_features, in_features] and multiplied with
+`transpose_b=True`, which is the fast layout for MindSpore's CPU matmul and matches THUDM's
+checkpoints, so conversion never transposes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+MASK_FILL = -1e9  # finite, so a fully masked (padding) row stays NaN-free; exp() of it is 0.0
+
+
+def ms_dtype(name: str):
+    """MindSpore dtype for a config dtype string."""
+    return MS_DTYPES[name]
+
+
+def _zeros(shape, dtype):
+    return Parameter(Tensor(np.zeros(shape, np.float32), dtype), requires_grad=False)
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b) with W stored [out, in]; any number of leading dims."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, param_dtype, compute_dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = _zeros((out_features, in_features), param_dtype)
+        self.bias = _zeros((out_features,), param_dtype) if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
+                        self.weight.astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias.astype(self.compute_dtype)
+        return y.reshape(lead + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """Token embedding table [vocab, hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, param_dtype):
+        super().__init__()
+        self.weight = _zeros((vocab_size, hidden_size), param_dtype)
+
+    def construct(self, input_ids):
+        return ops.gather(self.weight, input_ids, 0)
+
+
+class RMSNorm(nn.Cell):
+    """ChatGLM2/3 RMSNorm: statistics in float32, result in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float, param_dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _zeros((hidden_size,), param_dtype)
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        variance = (x32 * x32).mean(-1, keep_dims=True)
+        normed = x32 * ops.rsqrt(variance + self.eps)
+        return (self.weight.astype(ms.float32) * normed).astype(x.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """ChatGLM-6B LayerNorm with bias, statistics in float32."""
+
+    def __init__(self, hidden_size: int, eps: float, param_dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _zeros((hidden_size,), param_dtype)
+        self.bias = _zeros((hidden_size,), param_dtype)
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        mean = x32.mean(-1, keep_dims=True)
+        centered = x32 - mean
+        variance = (centered * centered).mean(-1, keep_dims=True)
+        normed = centered / ops.sqrt(variance + self.eps)
+        return (normed * self.weight.astype(ms.float32) + self.bias.astype(ms.float32)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------- rotary
+def rotary_frequencies(rotary_pairs_dim: int, base: float) -> np.ndarray:
+    """inv_freq_i = 1 / base^(2i / dim), i < dim/2, computed in float32 as the references do."""
+    exponents = np.arange(0, rotary_pairs_dim, 2, dtype=np.float32) / np.float32(rotary_pairs_dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponents, dtype=np.float32)).astype(np.float32)
+
+
+def rotary_angle_table(max_positions: int, inv_freq: np.ndarray, position_scale: float = 1.0) -> np.ndarray:
+    """Angles [max_positions, len(inv_freq)] = (position / position_scale) * inv_freq, float32."""
+    positions = np.arange(max_positions, dtype=np.float32)
+    if position_scale != 1.0:
+        positions = positions / np.float32(position_scale)
+    return np.outer(positions, inv_freq).astype(np.float32)
+
+
+def rotate_interleaved_matrix(dims: int) -> np.ndarray:
+    """R with (x @ R) = [-x1, x0, -x3, x2, ...]: rotation of interleaved pairs (ChatGLM2/3)."""
+    rot = np.zeros((dims, dims), np.float32)
+    for i in range(0, dims, 2):
+        rot[i + 1, i] = -1.0
+        rot[i, i + 1] = 1.0
+    return rot
+
+
+def rotate_half_matrix(dims: int) -> np.ndarray:
+    """R with (x @ R) = [-x2, x1] for x = [x1, x2] (NeoX "rotate half")."""
+    half = dims // 2
+    rot = np.zeros((dims, dims), np.float32)
+    for i in range(half):
+        rot[i + half, i] = -1.0
+        rot[i, i + half] = 1.0
+    return rot
+
+
+class Rotary(nn.Cell):
+    """Rotary position embedding applied to the first `rotary_dims` of each head.
+
+    The caller supplies per-token cos/sin of shape [batch, seq, 1, rotary_dims] already laid out
+    for its pairing convention, and `rotate_matrix` (rotary_dims x rotary_dims, entries 0/+-1)
+    that realises the pairing: x*cos + (x @ R)*sin. One code path thus serves ChatGLM2/3's
+    interleaved pairs and ChatGLM-6B's two rotate-half halves; the matmul by a signed
+    permutation is exact in floating point.
+    """
+
+    def __init__(self, rotary_dims: int, head_dim: int, rotate_matrix: np.ndarray):
+        super().__init__()
+        self.rotary_dims, self.head_dim = rotary_dims, head_dim
+        self.rotate_matrix = Tensor(rotate_matrix, ms.float32)
+
+    def construct(self, x, cos, sin):
+        """x: [batch, seq, heads, head_dim]."""
+        if self.rotary_dims == self.head_dim:
+            rotated, passthrough = x, None
+        else:
+            rotated, passthrough = x[..., : self.rotary_dims], x[..., self.rotary_dims:]
+        turned = ops.matmul(rotated, self.rotate_matrix.astype(x.dtype))
+        out = rotated * cos.astype(x.dtype) + turned * sin.astype(x.dtype)
+        if passthrough is None:
+            return out
+        return ops.concat((out, passthrough), -1)
+
+
+# ---------------------------------------------------------------------------------- attention
+def attention_mask(key_valid, query_slots, prefix_lengths, num_keys: int):
+    """Boolean [batch, 1, queries, keys]: may query s attend to key k?
+
+    key_valid [batch, keys] marks real (non-padding, already written) keys; query_slots [queries]
+    is each query's index on the key axis (causal: keys at or before it); prefix_lengths [batch]
+    lets every query see keys < prefix_length (GLM v1's bidirectional context; 0 elsewhere).
+    """
+    key_index = ops.arange(num_keys, dtype=ms.int32)
+    causal = key_index.reshape(1, 1, -1) <= query_slots.astype(ms.int32).reshape(1, -1, 1)
+    in_prefix = key_index.reshape(1, 1, -1) < prefix_lengths.astype(ms.int32).reshape(-1, 1, 1)
+    allowed = ops.logical_and(ops.logical_or(causal, in_prefix), key_valid.astype(ms.bool_).expand_dims(1))
+    return allowed.expand_dims(1)
+
+
+class DotProductAttention(nn.Cell):
+    """softmax(q k^T * scale) v in float32, grouped-query aware, without repeating k/v heads.
+
+    q: [batch, heads, queries, dim]; k, v: [batch, kv_heads, keys, dim];
+    mask: bool [batch, 1, queries, keys]. The `heads // kv_heads` query heads that share a
+    key/value head are folded into the query axis, so one batched matmul serves them all.
+    `score_scale` multiplies the float32 scores (GLM v1's layer-number coefficient).
+    """
+
+    def __init__(self, num_heads: int, kv_heads: int, head_dim: int, query_scale: float,
+                 score_scale: float = 1.0):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
+        self.group_size = num_heads // kv_heads
+        self.query_scale, self.score_scale = query_scale, score_scale
+        self.qk_matmul = ops.BatchMatMul(transpose_b=True)
+        self.pv_matmul = ops.BatchMatMul()
+
+    def construct(self, q, k, v, mask):
+        batch, _, queries, _ = q.shape
+        keys = k.shape[2]
+        q = (q * self.query_scale).reshape(batch, self.kv_heads, self.group_size * queries, self.head_dim)
+        scores = self.qk_matmul(q, k).astype(ms.float32)
+        scores = scores.reshape(batch, self.kv_heads, self.group_size, queries, keys)
+        if self.score_scale != 1.0:
+            scores = scores * self.score_scale
+        scores = ops.masked_fill(scores, ops.logical_not(mask.expand_dims(1)), MASK_FILL)
+        probs = ops.softmax(scores, -1).astype(v.dtype)
+        probs = probs.reshape(batch, self.kv_heads, self.group_size * queries, keys)
+        out = self.pv_matmul(probs, v)
+        return out.reshape(batch, self.num_heads, queries, self.head_dim)
+
+
+class SelfAttention(nn.Cell):
+    """Fused qkv projection, rotary, attention core, output projection.
+
+    The qkv weight rows are [q of all heads | k of all kv heads | v of all kv heads]; GLM v1's
+    per-head interleaved rows are regrouped at conversion so both families share this Cell.
+    Given `cache_index` (see cache.cache_scatter_index), new keys/values are written into the
+    attached KVCache and attention runs over the whole cache; otherwise over the current chunk.
+    """
+
+    def __init__(self, config, rotary: Rotary, query_scale: float, score_scale: float = 1.0):
+        super().__init__()
+        param_dtype = ms_dtype(config.param_dtype)
+        self.compute_dtype = ms_dtype(config.compute_dtype)
+        self.num_heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.kv_heads,
+                                                        config.head_dim)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.add_qkv_bias,
+                          param_dtype, self.compute_dtype)
+        self.dense = Linear(self.q_size, config.hidden_size, config.add_bias_linear, param_dtype,
+                            self.compute_dtype)
+        self.rotary = rotary
+        self.cache = None  # a KVCache once setup_caches() attaches one
+        self.core = DotProductAttention(self.num_heads, self.kv_heads, self.head_dim, query_scale,
+                                        score_scale)
+
+    def construct(self, x, cos, sin, mask, cache_index=None):
+        batch, seq, _ = x.shape
+        qkv = self.qkv(x)
+        q = qkv[..., : self.q_size].reshape(batch, seq, self.num_heads, self.head_dim)
+        k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(batch, seq, self.kv_heads, self.head_dim)
+        v = qkv[..., self.q_size + self.kv_size:].reshape(batch, seq, self.kv_heads, self.head_dim)
+        q = self.rotary(q, cos, sin).transpose(0, 2, 1, 3)
+        k = self.rotary(k, cos, sin).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        if cache_index is not None:
+            k, v = self.cache.update(k, v, cache_index)
+        out = self.core(q, k, v, mask)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size)
+        return self.dense(out)
+
+
+def default_query_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,157 @@
+"""load_model(): config + weights -> a model ready to score, generate and chat.
+
+    model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype="float32")
+    model.logits(input_ids)                       # float32 [batch, seq, vocab], no cache
+    model.generate(input_ids, max_new_tokens=16)  # [batch, seq + new]
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
+
+import numpy as np
+from mindspore import Tensor
+
+from mindglm.config import ConfigError, GLMConfig
+from mindglm.generation.config import GenerationConfig
+from mindglm.generation.decode import generate as decode_loop
+from mindglm.generation.runners import CachedRunner, FullForwardRunner, SequenceState, full_forward
+from mindglm.models import family_module
+
+class GLMModel:
+    """A built, weight-loaded GLM network plus its runners. Front ends talk to this only."""
+
+    def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None):
+        self.config = config
+        self.network = network
+        self.family = family_module(config)
+        self.generation_config = generation or GenerationConfig()
+        self._full_runner = FullForwardRunner(network, config)
+        self._cached_runner = None
+
+    # ------------------------------------------------------------------ scoring
+    def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+        """Full forward without cache: float32 [batch, seq, vocab].
+
+        A left-padded batch may pass only `attention_mask`; position ids (and for ChatGLM-6B the
+        2D positions and the bidirectional context) are derived as the reference does.
+        """
+        state = SequenceState(self.config, input_ids, attention_mask, position_ids)
+        return full_forward(self.network, self.config, state, last_only=False)
+
+    # ------------------------------------------------------------------ generation
+    def runner(self, use_past: Optional[bool] = None):
+        """The cached (compiled) runner when use_past, else the exact full-forward one."""
+        use_past = self.config.use_past if use_past is None else use_past
+        if not use_past:
+            return self._full_runner
+        if self._cached_runner is None:
+            self._cached_runner = CachedRunner(self.network, self.config, self.config.seq_length)
+        return self._cached_runner
+
+    def generate(self, input_ids, attention_mask=None, position_ids=None, max_new_tokens=None,
+                 do_sample=None, eos_token_id=None, streamer=None, use_past=None, should_stop=None,
+                 **settings) -> np.ndarray:
+        """Generate continuations: numpy int64 [batch, seq + new].
+
+        Settings are those of GenerationConfig (max_length, temperature, top_k, top_p,
+        repetition_penalty, seed, ...), on top of the model's generation defaults.
+        eos_token_id None stops at the model's eos ids; -1 never stops early.
+        """
+        if max_new_tokens is not None:
+            settings["max_new_tokens"] = max_new_tokens
+        elif "max_length" not in settings and self.generation_config.max_new_tokens is None:
+            settings["max_new_tokens"] = 16
+        if do_sample is not None:
+            settings["do_sample"] = do_sample
+        if eos_token_id is not None:
+            settings["eos_token_id"] = eos_token_id
+        config = GenerationConfig.from_kwargs(self.generation_config, **settings)
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        return decode_loop(self.runner(use_past), ids, attention_mask, position_ids, config,
+                           default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_token_id or 0,
+                           streamer=streamer, should_stop=should_stop)
+
+
+# ---------------------------------------------------------------------------------- loading
+def build_network(config: GLMConfig):
+    """The family's network with zero weights."""
+    return family_module(config).build_network(config)
+
+
+def load_weights(network, tensors, source: str) -> None:
+    """Copy (name, array) pairs into the network's parameters; names and shapes must all match."""
+    params = {p.name: p for p in network.get_parameters() if ".cache." not in p.name}
+    seen = set()
+    for name, array in tensors:
+        param = params.get(name)
+        if param is None:
+            raise ConfigError(f"{source}: tensor '{name}' has no place in the {network.config.family} network; "
+                              "is the checkpoint for another model family or size?")
+        if tuple(array.shape) != tuple(param.shape):
+            raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, the config says "
+                              f"{tuple(param.shape)}: the checkpoint and config.json disagree")
+        param.set_data(Tensor(np.asarray(array, np.float32), param.dtype))
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; "
+                          "it is incomplete or for another model")
+
+
+def _weights_of(path: str, config: GLMConfig):
+    """(name, array) pairs in mindglm names from a THUDM dir or a .ckpt (mindglm/MindFormers names)."""
+    import ckpt_convert  # the converter package: readers for .bin, .safetensors and .ckpt
+    return ckpt_convert.iter_mindglm_tensors(path, config)
+
+
+def resolve_config(path: str, dtype: Optional[str] = None) -> tuple:
+    """(GLMConfig, weights path or None, generation config) from a THUDM dir or a YAML file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist: pass a THUDM model directory (config.json + weights) "
+                          "or a YAML config from configs/")
+    generation = None
+    if os.path.isdir(path):
+        config = GLMConfig.from_thudm(path)
+        weights = path
+    elif path.endswith((".yaml", ".yml")):
+        from mindglm.yaml_config import load_run_config
+        run = load_run_config(path)
+        config, weights, generation = run.model, run.checkpoint, run.generation
+    else:
+        raise ConfigError(f"{path}: expected a model directory or a .yaml config")
+    if dtype is not None:
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype {dtype!r}: expected float32, float16 or bfloat16")
+        config.compute_dtype = config.param_dtype = dtype
+    return config, weights, generation
+
+
+def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
+               use_past: Optional[bool] = None) -> GLMModel:
+    """Build the network described by `path` and load its weights.
+
+    path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
+    unless `checkpoint` or a single .ckpt in the dir is given), or a YAML config.
+    checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
+    """
+    config, weights, generation = resolve_config(path, dtype)
+    if use_past is not None:
+        config.use_past = use_past
+    if checkpoint is None and weights is not None and os.path.isdir(weights):
+        ckpts = sorted(glob.glob(os.path.join(weights, "*.ckpt")))
+        if len(ckpts) == 1:
+            checkpoint = ckpts[0]
+    source = checkpoint or weights
+    if source is None:
+        raise ConfigError(f"{path}: no checkpoint given; convert THUDM weights with "
+                          "`python -m ckpt_convert --src <HF dir> --dst model.ckpt` and pass --checkpoint")
+    if not os.path.exists(source):
+        raise ConfigError(f"checkpoint {source} does not exist; convert one with "
+                          "`python -m ckpt_convert --src <THUDM dir> --dst model.ckpt`")
+    network = build_network(config)
+    load_weights(network, _weights_of(source, config), source)
+    return GLMModel(config, network, generation)
