@@ -53,7 +53,7 @@ class GLMConfig:
     # runtime
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
-    use_past: bool = False
+    use_past: bool = True
     use_flash_attention: bool = False
     max_batch_size: int = 1
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])

@@ -15,7 +15,8 @@ from mindspore import Tensor
 
 from mindglm.config import ConfigError, GLMConfig
 from mindglm.generation.config import GenerationConfig
-from mindglm.generation.decode import generate as decode_loop
+from mindglm import chat
+from mindglm.generation.decode import decode_steps, generate
 from mindglm.generation.runners import CachedRunner, FullForwardRunner, SequenceState, full_forward
 from mindglm.models import family_module
 
@@ -50,8 +51,18 @@ class GLMModel:
             self._cached_runner = CachedRunner(self.network, self.config, self.config.seq_length)
         return self._cached_runner
 
+    def _generation_config(self, max_new_tokens=None, do_sample=None, eos_token_id=None,
+                           **settings) -> GenerationConfig:
+        if max_new_tokens is not None:
+            settings["max_new_tokens"] = max_new_tokens
+        if do_sample is not None:
+            settings["do_sample"] = do_sample
+        if eos_token_id is not None:
+            settings["eos_token_id"] = eos_token_id
+        return GenerationConfig.from_kwargs(self.generation_config, **settings)
+
     def generate(self, input_ids, attention_mask=None, position_ids=None, max_new_tokens=None,
-                 do_sample=None, eos_token_id=None, streamer=None, use_past=None, should_stop=None,
+                 do_sample=None, eos_token_id=None, streamer=None, use_past=None,
                  **settings) -> np.ndarray:
         """Generate continuations: numpy int64 [batch, seq + new].
 
@@ -59,21 +70,73 @@ class GLMModel:
         repetition_penalty, seed, ...), on top of the model's generation defaults.
         eos_token_id None stops at the model's eos ids; -1 never stops early.
         """
-        if max_new_tokens is not None:
-            settings["max_new_tokens"] = max_new_tokens
-        elif "max_length" not in settings and self.generation_config.max_new_tokens is None:
-            settings["max_new_tokens"] = 16
-        if do_sample is not None:
-            settings["do_sample"] = do_sample
-        if eos_token_id is not None:
-            settings["eos_token_id"] = eos_token_id
-        config = GenerationConfig.from_kwargs(self.generation_config, **settings)
+        if max_new_tokens is None and "max_length" not in settings and self.generation_config.max_new_tokens is None \
+                and self.generation_config.max_length is None:
+            max_new_tokens = 16
+        config = self._generation_config(max_new_tokens, do_sample, eos_token_id, **settings)
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
-        return decode_loop(self.runner(use_past), ids, attention_mask, position_ids, config,
-                           default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_token_id or 0,
-                           streamer=streamer, should_stop=should_stop)
+        return generate(self.runner(use_past), ids, attention_mask, position_ids, config,
+                        default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_token_id or 0,
+                        streamer=streamer)
+
+    # ------------------------------------------------------------------ chat
+    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user",
+                    truncate_history: bool = False, use_past=None, **generation):
+        """Yield `(response_so_far, history)` as the reply grows; the last yield is the final reply.
+
+        The prompt is built by the family's template (mindglm.chat); generation stops at the
+        family's stop ids (ChatGLM3 also at <|user|> and <|observation|>). Settings are those of
+        generate(); without max_length/max_new_tokens the reply may run to the model's context.
+        A prompt longer than the context raises ChatError, or with `truncate_history` drops the
+        oldest turns until it fits. The caller's history is never modified.
+        """
+        family = self.config.family
+        history = list(history or [])
+        prompt, history = self._fit_prompt(tokenizer, query, history, role, truncate_history)
+        if "max_length" not in generation and "max_new_tokens" not in generation and \
+                self.generation_config.max_length is None and self.generation_config.max_new_tokens is None:
+            generation["max_length"] = self.context_length()
+        config = self._generation_config(eos_token_id=chat.stop_token_ids(tokenizer, family), **generation)
+        if config.new_token_budget(len(prompt)) + len(prompt) > self.context_length():
+            config = GenerationConfig.from_kwargs(config, max_new_tokens=self.context_length() - len(prompt),
+                                                  max_length=None)
+        decoder = chat.StreamDecoder(tokenizer, family)
+        new_ids = []
+        for tokens in decode_steps(self.runner(use_past), np.asarray([prompt]), None, None, config,
+                                   pad_token_id=self.config.pad_token_id or 0):
+            new_ids.append(int(tokens[0]))
+            text = decoder.push(int(tokens[0]))
+            if text is not None and int(tokens[0]) not in config.stop_ids([]):
+                yield chat.process_response(family, text, history), chat.update_history(family, history, query,
+                                                                                       text, role)
+        yield chat.finish_turn(tokenizer, family, query, history, new_ids, role)
+
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", **generation):
+        """One chat turn: `(response, new_history)`, as THUDM's `model.chat()` returns them."""
+        result = (None, list(history or []))
+        for result in self.stream_chat(tokenizer, query, history, role, **generation):
+            pass
+        return result
+
+    def context_length(self) -> int:
+        """Longest sequence (prompt + reply) the model can run."""
+        return self.config.seq_length
+
+    def _fit_prompt(self, tokenizer, query, history, role, truncate_history) -> tuple:
+        """Prompt ids for query + history, dropping the oldest turns if allowed and needed."""
+        family = self.config.family
+        while True:
+            prompt = chat.build_chat_ids(tokenizer, family, query, history, role)
+            if len(prompt) < self.context_length():
+                return prompt, history
+            shorter = chat.drop_oldest_turn(family, history) if truncate_history else None
+            if shorter is None:
+                raise chat.ChatError(
+                    f"the prompt is {len(prompt)} tokens, the model's context is {self.context_length()}: "
+                    "clear the history, shorten the query, or pass truncate_history=True")
+            history = shorter
 
 
 # ---------------------------------------------------------------------------------- loading

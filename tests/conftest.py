@@ -1,0 +1,32 @@
+"""Shared fixtures: golden model directories converted once per session through ckpt_convert."""
+import os
+
+import numpy as np
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+MODEL_NAMES = ("chatglm-tiny", "chatglm2-tiny", "chatglm3-tiny")
+
+
+def model_dir(name: str) -> str:
+    return os.path.join(FIXTURES, "models", name)
+
+
+def golden(name: str) -> dict:
+    with np.load(os.path.join(model_dir(name), "golden.npz")) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def converted_models(tmp_path_factory):
+    """{name: GLMModel} loaded from a .ckpt written by ckpt_convert from the THUDM shards."""
+    import ckpt_convert
+    import mindglm
+
+    out = tmp_path_factory.mktemp("converted")
+    models = {}
+    for name in MODEL_NAMES:
+        ckpt = str(out / f"{name}.ckpt")
+        ckpt_convert.convert(model_dir(name), ckpt)
+        models[name] = mindglm.load_model(model_dir(name), checkpoint=ckpt)
+    return models
