@@ -89,22 +89,27 @@ class CachedRunner:
     """Prefill into a static KV cache, then one compiled decode step per token.
 
     The cache has `cache_length` slots per row. A prompt of length S is left-padded to the
-    smallest bucket >= S; the decode graph has one shape per batch size. `signatures` records
+    smallest bucket >= S (prompts longer than every bucket keep their length); the decode graph
+    has one shape per batch size. `signatures` records
     each distinct graph input shape seen, i.e. each compilation.
     """
 
     def __init__(self, network, config, cache_length: int):
         self.network, self.config = network, config
         self.cache_length = min(cache_length, config.seq_length)
-        self.buckets = sorted({b for b in config.prefill_buckets if b < self.cache_length} | {self.cache_length})
+        self.buckets = sorted(b for b in config.prefill_buckets if b < self.cache_length)
         self.batch = None
         self.step_cell = None
         self.signatures = set()
 
     def bucket_for(self, length: int) -> int:
+        """Smallest bucket that holds the prompt; past the largest one, the prompt's own length
+        (padding it further would only take cache slots away from the reply)."""
         for bucket in self.buckets:
             if bucket >= length:
                 return bucket
+        if length < self.cache_length:
+            return length
         raise ConfigError(f"prompt of {length} tokens exceeds the KV cache ({self.cache_length} slots, "
                           f"model seq_length {self.config.seq_length}): shorten the prompt or raise "
                           "cache_length")

@@ -200,6 +200,54 @@ class DotProductAttention(nn.Cell):
         return out.reshape(batch, self.num_heads, queries, self.head_dim)
 
 
+class FlashAttention(nn.Cell):
+    """Ascend's fused kernels behind the DotProductAttention interface (same inputs, same output).
+
+    Prefill (several queries): `ops.flash_attention_score`; decode (one query):
+    `ops.incre_flash_attention`. Both take BNSD tensors ([batch, heads, seq, dim]), grouped kv
+    heads natively (`num_key_value_heads`), one combined scale, and a mask whose True/1 means
+    *discard* — the opposite of mindglm's boolean "may attend" mask. `kernel_call()` builds the
+    call without running it, so the argument layout is tested on machines without an NPU.
+    """
+
+    def __init__(self, num_heads: int, kv_heads: int, head_dim: int, query_scale: float,
+                 score_scale: float = 1.0):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
+        # The reference's split of the scale (GLM v1's layer-number trick) only guards fp16
+        # overflow; the kernels accumulate in float32, so the product is the same function.
+        self.scale = float(query_scale * score_scale)
+
+    def kernel_call(self, q, k, v, mask):
+        """(kernel, positional args, keyword args) for q [B,N,S,D], k/v [B,kvN,K,D], mask [B,1,S,K]."""
+        discard = ops.logical_not(mask).astype(ms.uint8)
+        if q.shape[2] == 1:
+            return (ops.incre_flash_attention, (q, k, v),
+                    dict(attn_mask=discard, num_heads=self.num_heads, input_layout="BNSD",
+                         scale_value=self.scale, num_key_value_heads=self.kv_heads))
+        return (ops.flash_attention_score, (q, k, v, self.num_heads),
+                dict(attn_mask=discard, scalar_value=self.scale, input_layout="BNSD", sparse_mode=0))
+
+    def construct(self, q, k, v, mask):
+        kernel, args, kwargs = self.kernel_call(q, k, v, mask)
+        return kernel(*args, **kwargs)
+
+
+def attention_core(config, query_scale: float, score_scale: float = 1.0) -> nn.Cell:
+    """The attention core for this build: Ascend's fused kernels when asked for and available,
+    the portable float32-softmax path everywhere else."""
+    core = FlashAttention if use_flash_attention(config) else DotProductAttention
+    return core(config.num_attention_heads, config.kv_heads, config.head_dim, query_scale, score_scale)
+
+
+def use_flash_attention(config, device_target: str = None) -> bool:
+    """True when the config asks for flash attention and MindSpore targets Ascend."""
+    if not config.use_flash_attention:
+        return False
+    device_target = device_target or ms.get_context("device_target")
+    return device_target == "Ascend"
+
+
 class SelfAttention(nn.Cell):
     """Fused qkv projection, rotary, attention core, output projection.
 
@@ -223,8 +271,7 @@ class SelfAttention(nn.Cell):
                             self.compute_dtype)
         self.rotary = rotary
         self.cache = None  # a KVCache once setup_caches() attaches one
-        self.core = DotProductAttention(self.num_heads, self.kv_heads, self.head_dim, query_scale,
-                                        score_scale)
+        self.core = attention_core(config, query_scale, score_scale)
 
     def construct(self, x, cos, sin, mask, cache_index=None):
         batch, seq, _ = x.shape
