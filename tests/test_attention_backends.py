@@ -25,8 +25,9 @@ def emulate_kernel(q, k, v, head_num, attn_mask, scale):
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = scale * q @ k.transpose(0, 1, 3, 2)
     scores = np.where(discard.astype(bool), -np.inf, scores)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    return (probs / probs.sum(-1, keepdims=True)) @ v
+    with np.errstate(invalid="ignore"):  # fully masked padding rows become NaN; callers skip them
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        return (probs / probs.sum(-1, keepdims=True)) @ v
 
 
 def random_inputs(queries, keys, seed=0):

@@ -1,0 +1,20 @@
+"""ckpt_convert: THUDM / MindFormers GLM checkpoints <-> mindglm MindSpore checkpoints, streaming.
+
+    python -m ckpt_convert --src <THUDM dir> --dst model.ckpt [--dtype bfloat16]
+    python -m ckpt_convert --to-hf --src model.ckpt --dst <dir> [--config <THUDM dir>]
+
+Reads PyTorch .bin (without torch), .safetensors and MindSpore .ckpt, one tensor in memory at a
+time; the name maps live in `mindglm.checkpoint`.
+"""
+from ckpt_convert.convert import convert, convert_to_hf, iter_mindglm_tensors
+from ckpt_convert.ms_ckpt import CkptWriter, read_ckpt, read_ckpt_entries
+from ckpt_convert.safetensors_io import read_safetensors, write_safetensors
+from ckpt_convert.sources import find_weight_files, list_tensors
+from ckpt_convert.torch_bin import read_torch_bin, save_torch_bin
+from mindglm.checkpoint import CheckpointError
+
+__all__ = [
+    "convert", "convert_to_hf", "iter_mindglm_tensors", "read_ckpt", "read_ckpt_entries", "CkptWriter",
+    "read_safetensors", "write_safetensors", "read_torch_bin", "save_torch_bin", "find_weight_files",
+    "list_tensors", "CheckpointError",
+]

@@ -1,0 +1,186 @@
+"""The conversions: any supported checkpoint -> mindglm tensors -> MindSpore .ckpt or THUDM
+safetensors. Each is planned from names and shapes first (so a wrong config, a missing tensor or
+a corrupt file fails before anything is written), then streamed one tensor at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from ckpt_convert.ms_ckpt import CkptWriter
+from ckpt_convert.safetensors_io import split_shards, write_safetensors
+from ckpt_convert.sources import list_tensors
+from ckpt_convert.tensors import DTYPES, BufferPool, cast, parse_dtype, to_numpy
+from mindglm.checkpoint import (CheckpointError, Plan, build_target, detect_source, plan_to_mindglm, thudm_name,
+                                to_thudm)
+from mindglm.config import GLMConfig
+
+ConfigArg = Union[GLMConfig, str, None]
+Progress = Optional[Callable[[int, int, str, np.ndarray], None]]
+DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
+
+
+def resolve_config(config: ConfigArg, src: str) -> tuple:
+    """(GLMConfig or None, its config.json path or None): `config` itself, a config.json / model
+    directory path, or else the config.json next to `src` when there is one."""
+    if isinstance(config, GLMConfig):
+        return config, None
+    if config is None:
+        folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            return None, None
+        config = folder
+    path = os.path.join(config, "config.json") if os.path.isdir(config) else config
+    return GLMConfig.from_thudm(path), path
+
+
+class _Conversion:
+    """A planned conversion of `src`: its lazy tensors and the mindglm targets built from them."""
+
+    def __init__(self, src: str, config: ConfigArg, need_config: bool):
+        self.src = src
+        self.config, self.config_path = resolve_config(config, src)
+        self.tensors = {t.name: t for t in list_tensors(src)}
+        shapes = {name: t.shape for name, t in self.tensors.items()}
+        source = detect_source(shapes)
+        if self.config is None and need_config and source != "mindglm":
+            raise CheckpointError(f"no config.json found next to {src}: pass --config with the model's "
+                                  "THUDM config.json (or its directory)")
+        self.plan: Plan = plan_to_mindglm(shapes, self.config, source,
+                                          config_source=self.config_path or "config.json")
+
+    def stream(self, dtype: Optional[str] = None, reuse: bool = False) -> Iterator:
+        """Yield (mindglm name, array cast to `dtype`) in plan order; bfloat16 stays uint16 bits.
+
+        reuse=True hands out views of two reusable buffers (read, cast), each valid only until
+        the next tensor: for consumers that write each array out before asking for the next.
+        """
+        read_pool, cast_pool = (BufferPool(), BufferPool()) if reuse else (None, None)
+        digests = {}
+        tied = {p.target for p in self.plan.tied}
+        for target in self.plan.targets:
+            pool = read_pool if len(target.pieces) == 1 else None  # pieces are alive together
+            arrays = [self.tensors[p.source].load(pool) for p in target.pieces]
+            array = build_target(target, arrays, self.config)
+            del arrays
+            if target.name in tied:
+                digests[target.name] = _digest(array)
+            yield target.name, cast(array, dtype, cast_pool)
+            del array
+        for piece in self.plan.tied:
+            if _digest(self.tensors[piece.source].load(read_pool)) != digests[piece.target]:
+                raise CheckpointError(f"'{piece.source}' differs from the embedding it should be tied to: "
+                                      "mindglm ties ChatGLM-6B's output layer to its embedding, so this "
+                                      "checkpoint cannot be converted faithfully")
+
+
+def _digest(array: np.ndarray) -> tuple:
+    data = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
+    return array.dtype.str, array.shape, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def iter_mindglm_tensors(src_dir: str, config: ConfigArg = None, dtype: Optional[str] = None,
+                         reuse: bool = False) -> Iterator:
+    """Yield (mindglm name, numpy array) for every parameter of a checkpoint, one at a time.
+
+    `src_dir` is a THUDM model directory (.bin or .safetensors, sharded or not) or a weight file
+    (.bin, .safetensors, or a MindFormers / mindglm .ckpt); `config` a GLMConfig or config.json
+    path (default: the config.json next to the weights). dtype None keeps float32/float16 and
+    turns bfloat16 into float32 (numpy has no bfloat16); "bfloat16" rounds to bfloat16 values,
+    returned as float32 arrays. reuse=True yields views of reusable buffers, each valid only
+    until the next tensor is requested (much faster for a consumer that copies each array at
+    once, e.g. into a MindSpore Parameter; never keep those arrays).
+    """
+    dtype = parse_dtype(dtype)
+    pool = BufferPool() if reuse else None
+    for name, array in _Conversion(src_dir, config, need_config=True).stream(dtype, reuse):
+        yield name, to_numpy(array, pool)
+
+
+def convert(src: str, dst: str, dtype: Optional[str] = None, config: ConfigArg = None,
+            progress: Progress = None) -> dict:
+    """Convert a checkpoint (see `iter_mindglm_tensors`) into a mindglm MindSpore .ckpt at `dst`.
+
+    dtype: None keeps each tensor's source dtype (bfloat16 stays bfloat16); "float32", "float16"
+    or "bfloat16" casts every float tensor. Written to `dst + '.tmp'` and renamed at the end, so
+    no partial file is ever left behind. Returns {"tensors", "bytes", "seconds"}.
+    """
+    dtype = parse_dtype(dtype)
+    if not dst.endswith(".ckpt"):
+        raise CheckpointError(f"--dst {dst} should be a file name ending in .ckpt")
+    if os.path.isdir(dst):
+        raise CheckpointError(f"--dst {dst} is a directory; give a file name such as {dst}/model.ckpt")
+    start = time.perf_counter()
+    conversion = _Conversion(src, config, need_config=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    total = len(conversion.plan.targets)
+    with CkptWriter(dst) as writer:
+        for i, (name, array) in enumerate(conversion.stream(dtype, reuse=True)):
+            writer.write(name, array)
+            if progress:
+                progress(i + 1, total, name, array)
+            del array
+    return {"tensors": writer.tensors, "bytes": writer.bytes, "seconds": time.perf_counter() - start}
+
+
+def convert_to_hf(src: str, dst_dir: str, config: ConfigArg = None, dtype: Optional[str] = None,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress = None) -> dict:
+    """Write a checkpoint (normally a mindglm .ckpt) as THUDM-named safetensors shards in `dst_dir`.
+
+    Produces model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+    plus a copy of the config.json used (`config` as a path, or the one next to `src`).
+    ChatGLM-6B needs the config (its qkv layout); for ChatGLM2/3 it is optional and, when given,
+    checks every shape. v1's tied lm_head.weight is not written (THUDM's model ties it on load).
+    Files go to `dst_dir + '.tmp'` and move into `dst_dir` only when all of them are complete.
+    """
+    dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    conversion = _Conversion(src, config, need_config=False)
+    plan, cfg = conversion.plan, conversion.config
+    if cfg is None and plan.family == "chatglm":
+        raise CheckpointError("a ChatGLM-6B checkpoint needs --config (its config.json) to write THUDM's "
+                              "per-head qkv layout")
+    first = {t.name: conversion.tensors[t.pieces[0].source] for t in plan.targets}
+    specs = [(thudm_name(t.name, plan.family), t.shape,
+              dtype if dtype and first[t.name].dtype.is_float else first[t.name].dtype.name)
+             for t in plan.targets]
+    shards = split_shards(specs, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    out_bytes = sum(int(np.prod(shape, dtype=np.int64)) * DTYPES[dt].itemsize for _, shape, dt in specs)
+
+    def thudm_arrays():
+        for i, (name, array) in enumerate(conversion.stream(dtype, reuse=True)):
+            (thudm, out), = to_thudm(name, array, cfg, plan.family)
+            if progress:
+                progress(i + 1, len(specs), thudm, out)
+            yield out
+
+    tmp_dir = dst_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    try:
+        arrays = thudm_arrays()
+        for shard_name, shard in zip(names, shards):
+            write_safetensors(os.path.join(tmp_dir, shard_name), shard, arrays)
+        for _ in arrays:  # the end of the stream runs the tied-embedding check
+            pass
+        if len(shards) > 1:
+            weight_map = {spec[0]: shard_name for shard_name, shard in zip(names, shards) for spec in shard}
+            with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+                json.dump({"metadata": {"total_size": out_bytes}, "weight_map": weight_map}, fh, indent=2)
+        if conversion.config_path:
+            shutil.copyfile(conversion.config_path, os.path.join(tmp_dir, "config.json"))
+        os.makedirs(dst_dir, exist_ok=True)
+        for name in os.listdir(tmp_dir):
+            os.replace(os.path.join(tmp_dir, name), os.path.join(dst_dir, name))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return {"tensors": len(specs), "bytes": out_bytes, "shards": len(shards),
+            "seconds": time.perf_counter() - start}
