@@ -2,13 +2,14 @@
 
 Layout [batch, kv_heads, max_seq, head_dim]: ChatGLM2/3 store only their
 `multi_query_group_num` key/value heads. Every row of a (left-padded) batch writes the same
-slots, so one index tensor built per step serves all layers.
+slots, so one index tensor built per step serves all layers. Stale slots from an earlier prompt
+need no clearing: the attention mask only admits slots written for the current sequence.
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
 
 
 def cache_scatter_index(batch: int, kv_heads: int, cache_slots):
@@ -28,9 +29,8 @@ class KVCache(nn.Cell):
         super().__init__()
         shape = (batch, kv_heads, max_seq, head_dim)
         self.batch, self.max_seq = batch, max_seq
-        self.key = Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"{name}.key", requires_grad=False)
-        self.value = Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"{name}.value",
-                               requires_grad=False)
+        self.key = Parameter(initializer("zeros", shape, dtype), name=f"{name}.key", requires_grad=False)
+        self.value = Parameter(initializer("zeros", shape, dtype), name=f"{name}.value", requires_grad=False)
         self.scatter = ops.ScatterNdUpdate()
 
     def update(self, k, v, scatter_index):
@@ -38,8 +38,3 @@ class KVCache(nn.Cell):
         key = ops.depend(self.key, self.scatter(self.key, scatter_index, k.astype(self.key.dtype)))
         value = ops.depend(self.value, self.scatter(self.value, scatter_index, v.astype(self.value.dtype)))
         return key, value
-
-    def reset(self):
-        """Zero both caches (a new conversation). Masks already hide stale slots; this is hygiene."""
-        for param in (self.key, self.value):
-            param.set_data(Tensor(np.zeros(param.shape, np.float32), param.dtype))

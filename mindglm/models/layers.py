@@ -12,6 +12,7 @@ import math
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 MASK_FILL = -1e9  # finite, so a fully masked (padding) row stays NaN-free; exp() of it is 0.0
@@ -23,7 +24,8 @@ def ms_dtype(name: str):
 
 
 def _zeros(shape, dtype):
-    return Parameter(Tensor(np.zeros(shape, np.float32), dtype), requires_grad=False)
+    """A parameter to be filled by a checkpoint; allocated lazily, in its own dtype."""
+    return Parameter(initializer("zeros", shape, dtype), requires_grad=False)
 
 
 class Linear(nn.Cell):
