@@ -171,15 +171,39 @@ def _weights_of(path: str, config: GLMConfig):
     return ckpt_convert.iter_mindglm_tensors(path, config)
 
 
-def resolve_config(path: str, dtype: Optional[str] = None) -> tuple:
-    """(GLMConfig, weights path or None, generation config) from a THUDM dir or a YAML file."""
+def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None) -> GLMModel:
+    """Build `config`'s network and load weights from `source`: a .ckpt (mindglm or MindFormers
+    names) or a THUDM dir — whose single converted .ckpt wins over converting on the fly."""
+    if source is None:
+        raise ConfigError("no checkpoint given; convert THUDM weights with "
+                          "`python -m ckpt_convert --src <HF dir> --dst model.ckpt` and pass it as the checkpoint")
+    if not os.path.exists(source):
+        raise ConfigError(f"checkpoint {source} does not exist; convert one with "
+                          "`python -m ckpt_convert --src <THUDM dir> --dst model.ckpt`")
+    if os.path.isdir(source):
+        ckpts = sorted(glob.glob(os.path.join(source, "*.ckpt")))
+        if len(ckpts) == 1:
+            source = ckpts[0]
+    network = build_network(config)
+    load_weights(network, _weights_of(source, config), source)
+    return GLMModel(config, network, generation)
+
+
+def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
+               use_past: Optional[bool] = None) -> GLMModel:
+    """Build the network described by `path` and load its weights.
+
+    path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
+    unless `checkpoint` or a single .ckpt in the dir is given), or a YAML config (its `checkpoint`).
+    checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
+    dtype: compute and parameter dtype (None keeps the config's); use_past: the KV-cache path.
+    """
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
     generation = None
     if os.path.isdir(path):
-        config = GLMConfig.from_thudm(path)
-        weights = path
+        config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
         from mindglm.yaml_config import load_run_config
         run = load_run_config(path)
@@ -190,31 +214,6 @@ def resolve_config(path: str, dtype: Optional[str] = None) -> tuple:
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype {dtype!r}: expected float32, float16 or bfloat16")
         config.compute_dtype = config.param_dtype = dtype
-    return config, weights, generation
-
-
-def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
-               use_past: Optional[bool] = None) -> GLMModel:
-    """Build the network described by `path` and load its weights.
-
-    path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
-    unless `checkpoint` or a single .ckpt in the dir is given), or a YAML config.
-    checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
-    """
-    config, weights, generation = resolve_config(path, dtype)
     if use_past is not None:
         config.use_past = use_past
-    if checkpoint is None and weights is not None and os.path.isdir(weights):
-        ckpts = sorted(glob.glob(os.path.join(weights, "*.ckpt")))
-        if len(ckpts) == 1:
-            checkpoint = ckpts[0]
-    source = checkpoint or weights
-    if source is None:
-        raise ConfigError(f"{path}: no checkpoint given; convert THUDM weights with "
-                          "`python -m ckpt_convert --src <HF dir> --dst model.ckpt` and pass --checkpoint")
-    if not os.path.exists(source):
-        raise ConfigError(f"checkpoint {source} does not exist; convert one with "
-                          "`python -m ckpt_convert --src <THUDM dir> --dst model.ckpt`")
-    network = build_network(config)
-    load_weights(network, _weights_of(source, config), source)
-    return GLMModel(config, network, generation)
+    return build_model(config, checkpoint or weights, generation)

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
-from mindglm.config import FAMILIES, ConfigError, GLMConfig, detect_family
+from mindglm.config import FAMILIES, ConfigError, GLMConfig
 from mindglm.generation.config import GenerationConfig
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
@@ -124,17 +124,8 @@ class RunConfig:
 
     def build_model(self):
         """Build the network and load the checkpoint: a `GLMModel` with this run's generation defaults."""
-        import ckpt_convert
-        from mindglm.pipeline import GLMModel, build_network, load_weights
-
-        source = self.require_checkpoint()
-        if os.path.isdir(source):
-            ckpts = sorted(f for f in os.listdir(source) if f.endswith(".ckpt"))
-            if len(ckpts) == 1:  # a converted checkpoint next to the THUDM files wins, as in load_model
-                source = os.path.join(source, ckpts[0])
-        network = build_network(self.model)
-        load_weights(network, ckpt_convert.iter_mindglm_tensors(source, self.model), source)
-        return GLMModel(self.model, network, self.generation)
+        from mindglm.pipeline import build_model
+        return build_model(self.model, self.require_checkpoint(), self.generation)
 
 
 # ---------------------------------------------------------------------------------- YAML reading
@@ -279,9 +270,10 @@ def _default_tokenizer(checkpoint: Optional[str]) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------- overrides
 def _parse_override(item) -> tuple:
+    """(key path, value, text or None): text is the raw string of a KEY=VALUE override."""
     if isinstance(item, tuple):
         key, value = item
-        return str(key), value
+        return str(key), value, None
     if not isinstance(item, str) or "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. generation.top_p=0.5")
     key, text = item.split("=", 1)
@@ -290,7 +282,7 @@ def _parse_override(item) -> tuple:
         value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML (e.g. a path with ': '): keep it as a string
-    return key, value
+    return key, value, text
 
 
 def apply_overrides(raw: dict, overrides: Iterable[Union[str, tuple]] = ()) -> dict:
@@ -302,7 +294,7 @@ def apply_overrides(raw: dict, overrides: Iterable[Union[str, tuple]] = ()) -> d
     """
     result = copy.deepcopy(raw) if raw else {}
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value, text = _parse_override(item)
         parts = key.split(".")
         if not key or not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
@@ -316,6 +308,9 @@ def apply_overrides(raw: dict, overrides: Iterable[Union[str, tuple]] = ()) -> d
                 raise _unknown_key("override " + repr(item), path, part, spec)
             path = f"{path}.{part}" if path else part
             if last:
+                leaf = spec.get(part) if spec is not None else None
+                if text is not None and isinstance(leaf, tuple) and str in leaf and not _is_type(value, leaf):
+                    value = text  # a string key (a path): `123` or `/a: b` stay text
                 node[part] = value
                 break
             child_spec = spec[part] if spec is not None else None
@@ -379,9 +374,17 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     values.update(model_values)
     notes = []
     context = _check_context(raw.get("context"), source)
-    if values.get("use_flash_attention") and context["device_target"] != "Ascend":
+    device = context["device_target"]
+    if values.get("use_flash_attention") and device != "Ascend":
         values["use_flash_attention"] = False
-        notes.append(f"use_flash_attention is Ascend-only: disabled on {context['device_target']}")
+        notes.append(f"use_flash_attention is Ascend-only: disabled on {device}")
+    if device == "CPU":  # MindSpore's CPU kernels (matmul, cache scatter) have no bfloat16
+        if values.get("compute_dtype") == "bfloat16":
+            raise ConfigError(f"{source}: key 'model.model_config.compute_dtype' is bfloat16, which MindSpore "
+                              "cannot compute on CPU: add --set model.model_config.compute_dtype=float32")
+        if values.get("param_dtype") == "bfloat16":
+            values["param_dtype"] = "float32"
+            notes.append("param_dtype bfloat16 is not supported on CPU: weights are kept in float32 (lossless)")
     model = GLMConfig.from_dict(values, source=f"{source}: model.model_config")
 
     generation_values = dict(CHAT_DEFAULTS[model.family])
@@ -404,7 +407,8 @@ def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:
 
 def run_config_for_checkpoint(checkpoint: str, overrides: Iterable = ()) -> RunConfig:
     """RunConfig for a bare THUDM model dir (or a .ckpt with config.json beside it): the family,
-    hyper-parameters and tokenizer come from the directory, generation from the family defaults."""
+    hyper-parameters and tokenizer come from the directory, generation from the family defaults;
+    the KV-cached decode path (use_past) is on, the device is CPU unless overridden."""
     checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
     source = f"--checkpoint {checkpoint}"
     if not os.path.exists(checkpoint):
@@ -413,7 +417,9 @@ def run_config_for_checkpoint(checkpoint: str, overrides: Iterable = ()) -> RunC
     if _thudm_config_dir(checkpoint) is None:
         raise ConfigError(f"{checkpoint}: no config.json beside it to read the model's hyper-parameters from; "
                           "pass a YAML config as well (--config configs/<family>/<model>.yaml --checkpoint ...)")
-    return build_run_config({"checkpoint": checkpoint}, source, os.getcwd(), overrides)
+    # the cached, compiled decode path: what a chat or batch front end wants
+    raw = {"checkpoint": checkpoint, "model": {"model_config": {"use_past": True}}}
+    return build_run_config(raw, source, os.getcwd(), overrides)
 
 
 # ---------------------------------------------------------------------------------- device

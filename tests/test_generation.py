@@ -113,3 +113,25 @@ def test_prompt_longer_than_the_context_is_a_clear_error(converted_models):
     too_long = np.ones((1, model.config.seq_length + 1), np.int64)
     with pytest.raises(ConfigError, match="seq_length|context|KV cache"):
         model.generate(too_long, max_new_tokens=2)
+
+
+def test_bucket_padding_never_eats_the_reply_budget(converted_models):
+    """A short prompt asking for every remaining slot of the context still fits."""
+    model = converted_models["chatglm2-tiny"]
+    prompt = np.arange(3, 23)[None, :]
+    budget = model.config.seq_length - prompt.shape[1]
+    out = model.generate(prompt, max_new_tokens=budget, eos_token_id=-1)
+    assert out.shape == (1, model.config.seq_length)
+    with pytest.raises(ConfigError, match="context"):
+        model.generate(prompt, max_new_tokens=budget + 1, eos_token_id=-1)
+
+
+def test_repetition_penalty_ignores_left_padding(converted_models):
+    """A padded batch row generates what the same prompt generates alone, penalty included."""
+    model = converted_models["chatglm3-tiny"]
+    ref = golden("chatglm3-tiny")
+    ids, mask = ref["batch_input_ids"], ref["batch_attention_mask"]
+    settings = dict(max_new_tokens=8, eos_token_id=-1, repetition_penalty=1.5)
+    batched = model.generate(ids, attention_mask=mask, **settings)
+    alone = model.generate(ids[1:, mask[1] == 1], **settings)
+    np.testing.assert_array_equal(batched[1, ids.shape[1]:], alone[0, mask[1].sum():])

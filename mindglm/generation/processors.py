@@ -22,12 +22,15 @@ def guard_invalid_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:
-    """Divide positive (multiply negative) scores of every token already in the row."""
+    """Divide positive (multiply negative) scores of every token already in the row.
+
+    Negative ids in `sequences` (padding) are ignored."""
     if penalty == 1.0:
         return scores
     scores = scores.copy()
     for row in range(scores.shape[0]):
         seen = np.unique(sequences[row])
+        seen = seen[seen >= 0]
         picked = scores[row, seen]
         scores[row, seen] = np.where(picked < 0, picked * penalty, picked / penalty)
     return scores

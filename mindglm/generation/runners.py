@@ -41,6 +41,13 @@ class SequenceState:
         return self.positions[:, :, -1:] + self.family.POSITION_STEP.reshape(1, -1, 1)
 
 
+def check_context(prompt_length: int, reserve: int, context: int) -> None:
+    """A prompt plus the tokens to generate must fit the model's context."""
+    if prompt_length + reserve > context:
+        raise ConfigError(f"a prompt of {prompt_length} tokens plus {reserve} new ones exceeds the model's "
+                          f"context ({context} tokens): shorten the prompt or lower max_new_tokens / max_length")
+
+
 def full_forward(network, config, state: "SequenceState", last_only: bool) -> np.ndarray:
     """The network over a whole sequence, no cache: float32 logits [batch, seq or 1, vocab]."""
     seq = state.ids.shape[1]
@@ -58,8 +65,10 @@ class FullForwardRunner:
     def __init__(self, network, config):
         self.network, self.config = network, config
 
-    def start(self, input_ids, attention_mask=None, position_ids=None):
+    def start(self, input_ids, attention_mask=None, position_ids=None, reserve: int = 0):
+        """Score the prompt; `reserve` is the number of tokens that will follow it."""
         self.state = SequenceState(self.config, input_ids, attention_mask, position_ids)
+        check_context(self.state.ids.shape[1], reserve, self.config.seq_length)
         return self._scores()
 
     def advance(self, tokens):
@@ -102,17 +111,14 @@ class CachedRunner:
         self.step_cell = None
         self.signatures = set()
 
-    def bucket_for(self, length: int) -> int:
-        """Smallest bucket that holds the prompt; past the largest one, the prompt's own length
-        (padding it further would only take cache slots away from the reply)."""
+    def bucket_for(self, length: int, reserve: int = 0) -> int:
+        """Smallest bucket that holds the prompt and leaves `reserve` slots for the reply; else the
+        prompt's own length (padding it further would only take cache slots from the reply)."""
+        check_context(length, reserve, self.cache_length)
         for bucket in self.buckets:
-            if bucket >= length:
+            if bucket >= length and bucket + reserve <= self.cache_length:
                 return bucket
-        if length < self.cache_length:
-            return length
-        raise ConfigError(f"prompt of {length} tokens exceeds the KV cache ({self.cache_length} slots, "
-                          f"model seq_length {self.config.seq_length}): shorten the prompt or raise "
-                          "cache_length")
+        return length
 
     def _ensure_cache(self, batch: int):
         if self.batch != batch:
@@ -126,10 +132,11 @@ class CachedRunner:
         logits = self.step_cell(*(_tensor(a) for a in args))
         return logits.asnumpy()[:, -1, :]
 
-    def start(self, input_ids, attention_mask=None, position_ids=None):
+    def start(self, input_ids, attention_mask=None, position_ids=None, reserve: int = 0):
+        """Prefill the prompt; `reserve` is the number of tokens that will follow it."""
         state = SequenceState(self.config, input_ids, attention_mask, position_ids)
         batch, length = state.ids.shape
-        bucket = self.bucket_for(length)
+        bucket = self.bucket_for(length, reserve)
         extra = bucket - length
         self._ensure_cache(batch)
         pad_id = self.config.pad_token_id or 0
