@@ -34,6 +34,8 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only (it warns about e
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mindglm.interrupts import InterruptFlag  # noqa: E402
+
 USER_PROMPT = "用户："
 OBSERVATION_PROMPT = "工具结果 Observation："
 BOT_PREFIX = "ChatGLM："
@@ -138,18 +140,6 @@ class ReplyPrinter:
         self.out.flush()
 
 
-class Interrupt:
-    """A signal handler that remembers Ctrl-C; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
 @contextlib.contextmanager
 def ctrl_c_interrupts():
     """Ctrl-C while MindSpore runs the model: remembered, and acted on between two tokens.
@@ -163,7 +153,7 @@ def ctrl_c_interrupts():
     the reply, at the prompt it terminates as usual). Afterwards Python's own SIGINT handler is
     put back so that Ctrl-C at the prompt quits cleanly.
     """
-    interrupt = Interrupt()
+    interrupt = InterruptFlag()
     previous = signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     try:

@@ -13,12 +13,13 @@ from typing import Optional
 import numpy as np
 from mindspore import Tensor
 
+from mindglm import chat
 from mindglm.config import ConfigError, GLMConfig
 from mindglm.generation.config import GenerationConfig
-from mindglm import chat
 from mindglm.generation.decode import decode_steps, generate
 from mindglm.generation.runners import CachedRunner, FullForwardRunner, SequenceState, full_forward
 from mindglm.models import family_module
+
 
 class GLMModel:
     """A built, weight-loaded GLM network plus its runners. Front ends talk to this only."""
@@ -26,7 +27,6 @@ class GLMModel:
     def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None):
         self.config = config
         self.network = network
-        self.family = family_module(config)
         self.generation_config = generation or GenerationConfig()
         self._full_runner = FullForwardRunner(network, config)
         self._cached_runner = None

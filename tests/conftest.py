@@ -30,3 +30,19 @@ def converted_models(tmp_path_factory):
         ckpt_convert.convert(model_dir(name), ckpt)
         models[name] = mindglm.load_model(model_dir(name), checkpoint=ckpt)
     return models
+
+
+_RUN_MODELS = {}
+
+
+def reference_chat(config: str, overrides=()):
+    """(model, tokenizer, chat settings, run config) for a YAML config, built in this process the
+    way the front ends build them (one model per config, its generation defaults per call)."""
+    from mindglm.yaml_config import load_run_config
+    run_config = load_run_config(config, list(overrides))
+    if config not in _RUN_MODELS:
+        _RUN_MODELS[config] = (run_config.build_model(), run_config.load_tokenizer())
+    model, tokenizer = _RUN_MODELS[config]
+    model.generation_config = run_config.generation
+    settings = {k: v for k, v in run_config.generation_settings.items() if k != "eos_token_id"}  # chat() sets stop ids
+    return model, tokenizer, settings, run_config

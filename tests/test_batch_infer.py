@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import reference_chat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
@@ -61,19 +63,6 @@ def read_jsonl(path) -> list:
         return [json.loads(line) for line in handle]
 
 
-_MODELS = {}
-
-
-def reference(config, overrides=()):
-    """(model, tokenizer, settings, run config) built in this process, as batch_infer builds them."""
-    from mindglm.yaml_config import load_run_config
-    run_config = load_run_config(config, list(overrides))
-    if config not in _MODELS:
-        _MODELS[config] = (run_config.build_model(), run_config.load_tokenizer())
-    model, tokenizer = _MODELS[config]
-    model.generation_config = run_config.generation
-    settings = {k: v for k, v in run_config.generation_settings.items() if k != "eos_token_id"}
-    return model, tokenizer, settings, run_config
 
 
 def expected_reply(model, tokenizer, settings, request: Request):
@@ -115,7 +104,7 @@ def test_batched_replies_equal_one_by_one_chat(tmp_path, family):
     rows = read_jsonl(output)
     assert sorted(map(str, (r["id"] for r in rows))) == sorted(map(str, (r["id"] for r in records)))
     by_id = {json.dumps(r["id"]): r for r in rows}
-    model, tokenizer, settings, run_config = reference(TINY[family], overrides)
+    model, tokenizer, settings, run_config = reference_chat(TINY[family], overrides)
     requests, _ = batch_infer.read_requests(source, family)
     requests = [r for r in requests if r.line <= len(records)]
     assert len(requests) == len(records)
@@ -140,7 +129,7 @@ def test_plain_text_input_uses_line_numbers(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = {r["id"]: r for r in read_jsonl(output)}
     assert sorted(rows) == [1, 2, 4]
-    model, tokenizer, settings, _ = reference(TINY["chatglm3"], overrides)
+    model, tokenizer, settings, _ = reference_chat(TINY["chatglm3"], overrides)
     for number, query in ((1, "你好"), (2, "讲个笑话"), (4, "什么是机器学习")):
         assert rows[number]["response"] == model.chat(tokenizer, query, [], **settings)[0]
 
@@ -198,7 +187,7 @@ def test_resume_after_a_killed_run_has_no_gaps_and_no_duplicates(tmp_path):
     assert f"resuming: {written} of {len(prompts)}" in resumed.stderr
     rows = read_jsonl(output)
     assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in prompts)  # each exactly once
-    model, tokenizer, settings, _ = reference(TINY["chatglm3"], overrides)
+    model, tokenizer, settings, _ = reference_chat(TINY["chatglm3"], overrides)
     for row in rows:
         query = next(p["prompt"] for p in prompts if p["id"] == row["id"])
         assert row["response"] == model.chat(tokenizer, query, [], **settings)[0]

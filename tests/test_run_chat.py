@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import reference_chat
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -32,19 +34,6 @@ def replies(stdout: str) -> list:
     return [segment.split("\n\n" + USER_PROMPT)[0] for segment in stdout.split(BOT_PREFIX)[1:]]
 
 
-_MODELS = {}
-
-
-def reference(config, overrides=()):
-    """(model, tokenizer, chat settings) for a config, built in this process (one model per config)."""
-    from mindglm.yaml_config import load_run_config
-    run_config = load_run_config(config, list(overrides))
-    if config not in _MODELS:
-        _MODELS[config] = (run_config.build_model(), run_config.load_tokenizer())
-    model, tokenizer = _MODELS[config]
-    model.generation_config = run_config.generation  # as run_chat.py builds it for these overrides
-    settings = {k: v for k, v in run_config.generation_settings.items() if k != "eos_token_id"}
-    return model, tokenizer, settings
 
 
 # ---------------------------------------------------------------------------------- subprocess
@@ -60,14 +49,14 @@ def test_streamed_replies_equal_chat_and_clear_resets_history():
     assert "ChatGLM3-6B" in result.stdout.splitlines()[0]
     assert "history cleared" in result.stdout
 
-    model, tokenizer, settings = reference(TINY["chatglm3"], overrides)
+    model, tokenizer, settings = reference_chat(TINY["chatglm3"], overrides)[:3]
     first, history = model.chat(tokenizer, queries[0], [], **settings)
     second, _ = model.chat(tokenizer, queries[1], history, **settings)
     fresh, _ = model.chat(tokenizer, queries[1], [], **settings)
     assert second != fresh  # the history matters, so the check below means something
     assert replies(result.stdout) == [first, second, fresh]
     # and the in-process reference agrees with THUDM's (its golden ran to max_length 128)
-    model, tokenizer, settings = reference(TINY["chatglm3"])
+    model, tokenizer, settings = reference_chat(TINY["chatglm3"])[:3]
     assert model.chat(tokenizer, golden_query, [], **settings)[0] == golden_response
 
 
@@ -103,7 +92,7 @@ def test_demo_without_arguments():
     assert result.returncode == 0, result.stderr
     notice = result.stdout.splitlines()[0]
     assert "meaningless" in notice and "--checkpoint /path/to/chatglm3-6b" in notice and "ckpt_convert" in notice
-    model, tokenizer, settings = reference(TINY["chatglm3"], ["generation.max_new_tokens=48"])
+    model, tokenizer, settings = reference_chat(TINY["chatglm3"], ["generation.max_new_tokens=48"])[:3]
     assert replies(result.stdout) == [model.chat(tokenizer, "你好", [], **settings)[0]]
 
 
@@ -155,7 +144,7 @@ def test_ctrl_c_interrupts_a_reply_and_keeps_the_session():
             session.process.kill()
     interrupted, answered = replies(text)
     assert "reply interrupted" in interrupted
-    model, tokenizer, settings = reference(TINY["chatglm3"], overrides)
+    model, tokenizer, settings = reference_chat(TINY["chatglm3"], overrides)[:3]
     # the interrupted turn left no trace in the history: the next reply is a first-turn reply
     assert answered == model.chat(tokenizer, "晚上睡不着应该怎么办", [], **settings)[0]
 

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from mindglm.config import ConfigError  # noqa: E402
+from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 KNOWN_FIELDS = ("id", "prompt", "history", "messages", "generation")
 BUDGET_KEYS = ("max_length", "max_new_tokens")
@@ -337,23 +338,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-class Interrupt:
-    """SIGINT/SIGTERM handler: the first one lets the batch in flight finish and be written, a
-    second one stops at once. (MindSpore's graph runtime turns Ctrl-C during a graph run into
-    SIGTERM, hence both; raising inside a graph compilation would also make MindSpore dump error
-    reports.)"""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        sys.stderr.write("\ninterrupt: finishing the current batch (interrupt again to stop now)\n")
-        sys.stderr.flush()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mindglm.chat import ChatError
@@ -395,7 +379,8 @@ def main(argv=None) -> int:
     batches = make_batches(todo, args.batch_size)
     rows = max(len(batch) for batch in batches)  # one batch shape for all: compiled graphs are reused
     progress = Progress(len(todo))
-    interrupt = Interrupt()
+    # SIGTERM too: MindSpore's graph runtime turns Ctrl-C during a graph run into SIGTERM
+    interrupt = InterruptFlag("\ninterrupt: finishing the current batch (interrupt again to stop now)\n")
     signal.signal(signal.SIGTERM, interrupt)
     written = 0
     try:

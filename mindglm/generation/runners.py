@@ -10,6 +10,8 @@ per (batch, bucket) and reused for every prompt and every token.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -98,9 +100,12 @@ class CachedRunner:
     """Prefill into a static KV cache, then one compiled decode step per token.
 
     The cache has `cache_length` slots per row. A prompt of length S is left-padded to the
-    smallest bucket >= S (prompts longer than every bucket keep their length); the decode graph
-    has one shape per batch size. `signatures` records
-    each distinct graph input shape seen, i.e. each compilation.
+    smallest bucket >= S that leaves room for the reply (prompts longer than every bucket keep
+    their length). Decode attends to a window of the cache: the smallest bucket (or the whole
+    cache) that holds the padded prompt plus the reply, fixed for the whole generation, so a
+    step costs the same at every position. Graphs are compiled once per (batch, bucket) for
+    prefill and per (batch, window) for decode; `signatures` records each distinct one.
+    Changing the batch size re-allocates the caches, which recompiles.
     """
 
     def __init__(self, network, config, cache_length: int):
@@ -108,6 +113,7 @@ class CachedRunner:
         self.cache_length = min(cache_length, config.seq_length)
         self.buckets = sorted(b for b in config.prefill_buckets if b < self.cache_length)
         self.batch = None
+        self.cache_generation = 0
         self.step_cell = None
         self.signatures = set()
 
@@ -120,41 +126,48 @@ class CachedRunner:
                 return bucket
         return length
 
+    def window_for(self, slots: int) -> int:
+        """Cache slots decode attends to: the smallest bucket >= `slots`, else the whole cache."""
+        return next((b for b in self.buckets if b >= slots), self.cache_length)
+
     def _ensure_cache(self, batch: int):
         if self.batch != batch:
             self.network.setup_caches(batch, self.cache_length)
             self.step_cell = CompiledStep(self.network)
             self.batch = batch
+            self.cache_generation += 1
 
-    def _run(self, ids, positions, query_slots):
-        args = (ids, positions, self.key_valid, query_slots, self.prefix_lengths, query_slots)
-        self.signatures.add(tuple(np.shape(a) for a in args))
+    def _run(self, ids, positions, key_valid, query_slots):
+        args = (ids, positions, key_valid, query_slots, self.prefix_lengths, query_slots)
+        self.signatures.add((self.cache_generation,) + tuple(np.shape(a) for a in args))
         logits = self.step_cell(*(_tensor(a) for a in args))
         return logits.asnumpy()[:, -1, :]
 
-    def start(self, input_ids, attention_mask=None, position_ids=None, reserve: int = 0):
-        """Prefill the prompt; `reserve` is the number of tokens that will follow it."""
+    def start(self, input_ids, attention_mask=None, position_ids=None, reserve: Optional[int] = None):
+        """Prefill the prompt; `reserve` is the number of tokens that will follow it (None: as many
+        as the cache holds, attending to the whole cache)."""
         state = SequenceState(self.config, input_ids, attention_mask, position_ids)
         batch, length = state.ids.shape
-        bucket = self.bucket_for(length, reserve)
+        bucket = self.bucket_for(length, reserve or 0)
         extra = bucket - length
         self._ensure_cache(batch)
         pad_id = self.config.pad_token_id or 0
         ids = np.pad(state.ids, ((0, 0), (extra, 0)), constant_values=pad_id)
         positions = np.pad(state.positions, ((0, 0), (0, 0), (extra, 0)))
-        self.key_valid = np.zeros((batch, self.cache_length), np.int64)
+        window = self.cache_length if reserve is None else self.window_for(bucket + reserve)
+        self.key_valid = np.zeros((batch, window), np.int64)
         self.key_valid[:, :bucket] = np.pad(state.mask, ((0, 0), (extra, 0)))
         self.prefix_lengths = state.prefix_lengths + extra
         self.state, self.slot = state, bucket
-        return self._run(ids, positions, np.arange(bucket))
+        return self._run(ids, positions, self.key_valid[:, :bucket], np.arange(bucket))
 
     def advance(self, tokens):
-        if self.slot >= self.cache_length:
-            raise ConfigError(f"generation reached the end of the KV cache ({self.cache_length} slots): "
-                              "lower max_new_tokens / max_length")
+        if self.slot >= self.key_valid.shape[1]:
+            raise ConfigError(f"generation ran past the {self.key_valid.shape[1]} cache slots reserved for it: "
+                              "pass the whole budget as max_new_tokens / max_length")
         positions = self.state.next_positions()
         self.state.positions = positions
         self.key_valid[:, self.slot] = 1
         slots = np.array([self.slot])
         self.slot += 1
-        return self._run(np.asarray(tokens, np.int64)[:, None], positions, slots)
+        return self._run(np.asarray(tokens, np.int64)[:, None], positions, self.key_valid, slots)

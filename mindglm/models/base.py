@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindglm.models.cache import KVCache, cache_scatter_index
+from mindglm.models.cache import KVCache
 from mindglm.models.layers import Embedding, Linear, SelfAttention, attention_mask, ms_dtype
 
 
@@ -37,9 +37,9 @@ class Block(nn.Cell):
             return x
         return x * self.residual_scale
 
-    def construct(self, h, cos, sin, mask, cache_index=None):
+    def construct(self, h, cos, sin, mask, cache_slots=None):
         x = self.input_norm(h)
-        h = self._residual(h, x) + self.attention(x, cos, sin, mask, cache_index)
+        h = self._residual(h, x) + self.attention(x, cos, sin, mask, cache_slots)
         x = self.post_attention_norm(h)
         return self._residual(h, x) + self.mlp(x)
 
@@ -71,7 +71,8 @@ class GLMTransformer(nn.Cell):
 
     Inputs (all int32 Tensors, built on the host by the family's input preparation):
       input_ids [batch, seq]; position_ids [batch, channels, seq];
-      key_valid [batch, keys] — which keys are real (keys = seq without cache, cache size with);
+      key_valid [batch, keys] — which keys are real (keys = seq without cache; with a cache, the
+      window of cache slots attended to);
       query_slots [seq] — each query's index on the key axis; prefix_lengths [batch] — keys every
       query may see (GLM v1's bidirectional context), 0 for ChatGLM2/3;
       cache_slots [seq] or None — where to write new keys/values in the KV cache.
@@ -98,11 +99,8 @@ class GLMTransformer(nn.Cell):
         h = self.embedding(input_ids).astype(self.compute_dtype)
         cos, sin = self.rotary_table(position_ids)
         mask = attention_mask(key_valid, query_slots, prefix_lengths, key_valid.shape[1])
-        cache_index = None
-        if cache_slots is not None:
-            cache_index = cache_scatter_index(input_ids.shape[0], self.kv_heads, cache_slots)
         for block in self.layers:
-            h = block(h, cos, sin, mask, cache_index)
+            h = block(h, cos, sin, mask, cache_slots)
         if last_only:
             h = h[:, -1:, :]
         h = self.final_norm(h)

@@ -255,8 +255,8 @@ class SelfAttention(nn.Cell):
 
     The qkv weight rows are [q of all heads | k of all kv heads | v of all kv heads]; GLM v1's
     per-head interleaved rows are regrouped at conversion so both families share this Cell.
-    Given `cache_index` (see cache.cache_scatter_index), new keys/values are written into the
-    attached KVCache and attention runs over the whole cache; otherwise over the current chunk.
+    Given `cache_slots`, new keys/values are written there in the attached KVCache and attention
+    runs over the cache window the mask covers; otherwise over the current chunk.
     """
 
     def __init__(self, config, rotary: Rotary, query_scale: float, score_scale: float = 1.0):
@@ -275,7 +275,7 @@ class SelfAttention(nn.Cell):
         self.cache = None  # a KVCache once setup_caches() attaches one
         self.core = attention_core(config, query_scale, score_scale)
 
-    def construct(self, x, cos, sin, mask, cache_index=None):
+    def construct(self, x, cos, sin, mask, cache_slots=None):
         batch, seq, _ = x.shape
         qkv = self.qkv(x)
         q = qkv[..., : self.q_size].reshape(batch, seq, self.num_heads, self.head_dim)
@@ -284,8 +284,8 @@ class SelfAttention(nn.Cell):
         q = self.rotary(q, cos, sin).transpose(0, 2, 1, 3)
         k = self.rotary(k, cos, sin).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if cache_index is not None:
-            k, v = self.cache.update(k, v, cache_index)
+        if cache_slots is not None:
+            k, v = self.cache.update(k, v, cache_slots, mask.shape[-1])
         out = self.core(q, k, v, mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size)
         return self.dense(out)
