@@ -17,19 +17,20 @@ def golden(name: str) -> dict:
         return {key: data[key] for key in data.files}
 
 
-@pytest.fixture(scope="session")
-def converted_models(tmp_path_factory):
-    """{name: GLMModel} loaded from a .ckpt written by ckpt_convert from the THUDM shards."""
+def load_converted(thudm_dir: str, ckpt: str):
+    """Convert a THUDM dir to `ckpt` with ckpt_convert, then load_model() from that .ckpt."""
     import ckpt_convert
     import mindglm
 
+    ckpt_convert.convert(thudm_dir, ckpt)
+    return mindglm.load_model(thudm_dir, checkpoint=ckpt)
+
+
+@pytest.fixture(scope="session")
+def converted_models(tmp_path_factory):
+    """{name: GLMModel} loaded from a .ckpt written by ckpt_convert from the THUDM shards."""
     out = tmp_path_factory.mktemp("converted")
-    models = {}
-    for name in MODEL_NAMES:
-        ckpt = str(out / f"{name}.ckpt")
-        ckpt_convert.convert(model_dir(name), ckpt)
-        models[name] = mindglm.load_model(model_dir(name), checkpoint=ckpt)
-    return models
+    return {name: load_converted(model_dir(name), str(out / f"{name}.ckpt")) for name in MODEL_NAMES}
 
 
 _RUN_MODELS = {}

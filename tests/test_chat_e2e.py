@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-import ckpt_convert
 import mindglm
-from conftest import FIXTURES
+from conftest import FIXTURES, load_converted
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 
@@ -21,9 +20,7 @@ def e2e(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     loaded = {}
     for family in FAMILIES:
-        ckpt = str(out / f"{family}.ckpt")
-        ckpt_convert.convert(e2e_dir(family), ckpt)
-        model = mindglm.load_model(e2e_dir(family), checkpoint=ckpt)
+        model = load_converted(e2e_dir(family), str(out / f"{family}.ckpt"))
         tokenizer = mindglm.load_tokenizer(e2e_dir(family))
         with open(os.path.join(e2e_dir(family), "chat_golden.json"), encoding="utf-8") as fh:
             loaded[family] = (model, tokenizer, json.load(fh))
