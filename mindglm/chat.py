@@ -287,7 +287,6 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.family = _check_family(family, tokenizer)
         self.ids: list = []
-        self.text = ""
 
     def push(self, new_ids: Union[int, Iterable[int]]) -> Optional[str]:
         """Add generated ids (one id or several); the reply text so far, or None if incomplete."""
@@ -295,7 +294,4 @@ class StreamDecoder:
             self.ids.append(new_ids)
         else:
             self.ids.extend(int(i) for i in new_ids)
-        text = decode_stream_text(self.tokenizer, self.ids, self.family)
-        if text is not None:
-            self.text = text
-        return text
+        return decode_stream_text(self.tokenizer, self.ids, self.family)

@@ -55,7 +55,6 @@ class GLMConfig:
     param_dtype: str = "float32"
     use_past: bool = True
     use_flash_attention: bool = False
-    max_batch_size: int = 1
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
     name_or_path: str = ""
 
@@ -115,7 +114,7 @@ class GLMConfig:
                 if getattr(self, key) is None:
                     raise ConfigError(f"ChatGLM-6B needs '{key}' in its config (see config.json)")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_channels",
-                    "multi_query_group_num", "ffn_hidden_size", "seq_length", "max_batch_size"):
+                    "multi_query_group_num", "ffn_hidden_size", "seq_length"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
 
@@ -228,7 +227,7 @@ _FIELD_TYPES = {
     "bos_token_id": (int, type(None)), "eos_token_id": (int, list, type(None)),
     "pad_token_id": (int, type(None)), "mask_token_id": (int, type(None)),
     "gmask_token_id": (int, type(None)), "compute_dtype": str, "param_dtype": str,
-    "use_past": bool, "use_flash_attention": bool, "max_batch_size": int, "prefill_buckets": list,
+    "use_past": bool, "use_flash_attention": bool, "prefill_buckets": list,
     "name_or_path": str,
 }
 

@@ -93,25 +93,32 @@ class GLMModel:
         oldest turns until it fits. The caller's history is never modified.
         """
         family = self.config.family
+        if "eos_token_id" in generation:
+            raise chat.ChatError("chat() stops at the family's stop tokens (mindglm.chat.stop_token_ids); "
+                                 "use generate() for other eos ids")
         history = list(history or [])
         prompt, history = self._fit_prompt(tokenizer, query, history, role, truncate_history)
         if "max_length" not in generation and "max_new_tokens" not in generation and \
                 self.generation_config.max_length is None and self.generation_config.max_new_tokens is None:
             generation["max_length"] = self.context_length()
-        config = self._generation_config(eos_token_id=chat.stop_token_ids(tokenizer, family), **generation)
-        if config.new_token_budget(len(prompt)) + len(prompt) > self.context_length():
-            config = GenerationConfig.from_kwargs(config, max_new_tokens=self.context_length() - len(prompt),
-                                                  max_length=None)
+        stop_ids = chat.stop_token_ids(tokenizer, family)
+        config = self._generation_config(eos_token_id=stop_ids, **generation)
+        budget = config.new_token_budget(len(prompt))
+        if budget + len(prompt) > self.context_length():
+            budget = self.context_length() - len(prompt)
+            config = GenerationConfig.from_kwargs(config, max_new_tokens=budget, max_length=None)
+        if budget <= 0:
+            raise chat.ChatError(f"the prompt is {len(prompt)} tokens and max_length leaves no room for a reply: "
+                                 "raise max_length (or set max_new_tokens), or clear the history")
         decoder = chat.StreamDecoder(tokenizer, family)
-        new_ids = []
         for tokens in decode_steps(self.runner(use_past), np.asarray([prompt]), None, None, config,
                                    pad_token_id=self.config.pad_token_id or 0):
-            new_ids.append(int(tokens[0]))
-            text = decoder.push(int(tokens[0]))
-            if text is not None and int(tokens[0]) not in config.stop_ids([]):
+            token = int(tokens[0])
+            text = decoder.push(token)
+            if text is not None and token not in stop_ids:
                 yield chat.process_response(family, text, history), chat.update_history(family, history, query,
                                                                                        text, role)
-        yield chat.finish_turn(tokenizer, family, query, history, new_ids, role)
+        yield chat.finish_turn(tokenizer, family, query, history, decoder.ids, role)
 
     def chat(self, tokenizer, query: str, history=None, role: str = "user", **generation):
         """One chat turn: `(response, new_history)`, as THUDM's `model.chat()` returns them."""
@@ -156,7 +163,7 @@ def load_weights(network, tensors, source: str) -> None:
                               "is the checkpoint for another model family or size?")
         if tuple(array.shape) != tuple(param.shape):
             raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, the config says "
-                              f"{tuple(param.shape)}: the checkpoint and config.json disagree")
+                              f"{tuple(param.shape)}: the checkpoint and the model config disagree")
         param.set_data(Tensor(np.asarray(array, np.float32), param.dtype))
         seen.add(name)
     missing = sorted(set(params) - seen)

@@ -75,3 +75,12 @@ def test_chatglm3_stops_on_role_tokens(e2e):
     stops = stop_token_ids(tokenizer, "chatglm3")
     assert {tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>"),
             tokenizer.eos_token_id} <= set(stops)
+
+
+def test_chat_refuses_eos_override_and_a_budget_with_no_room(e2e):
+    from mindglm.chat import ChatError
+    model, tokenizer, _ = e2e["chatglm3"]
+    with pytest.raises(ChatError, match="stop tokens"):
+        model.chat(tokenizer, "你好", eos_token_id=5)
+    with pytest.raises(ChatError, match="max_length"):
+        model.chat(tokenizer, "你好", max_length=4)

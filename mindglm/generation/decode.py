@@ -30,13 +30,13 @@ def decode_steps(runner, input_ids, attention_mask=None, position_ids=None,
     rng = np.random.default_rng(config.seed)
     finished = np.zeros(batch, bool)
     scores = runner.start(sequences, attention_mask, position_ids, reserve=budget)
-    # padding is not text: the repetition penalty must not see it
-    seen = np.ones_like(sequences, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    # what the repetition penalty sees: the text so far, padding (-1) excluded
+    history = sequences if attention_mask is None else np.where(np.asarray(attention_mask, bool), sequences, -1)
     for step in range(budget):
-        tokens = choose_tokens(process_scores(scores, np.where(seen, sequences, -1), config), config, rng)
+        tokens = choose_tokens(process_scores(scores, history, config), config, rng)
         tokens = np.where(finished, pad, tokens)
-        sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
-        seen = np.concatenate([seen, np.ones((batch, 1), bool)], axis=1)
+        if config.repetition_penalty != 1.0:
+            history = np.concatenate([history, tokens[:, None]], axis=1)
         finished |= np.isin(tokens, stop_ids)
         yield tokens
         if finished.all() or step == budget - 1:

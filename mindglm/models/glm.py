@@ -90,6 +90,7 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
     batch, seq = input_ids.shape
     if attention_mask is None:
         attention_mask = np.ones((batch, seq), np.int64)
+    explicit = None if position_ids is None else np.asarray(position_ids, np.int64).reshape(batch, 2, seq)
     positions = np.zeros((batch, 2, seq), np.int64)
     prefix_lengths = np.zeros((batch,), np.int64)
     for row in range(batch):
@@ -107,6 +108,4 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
         positions[row, 0, start:] = position
         positions[row, 1, start:] = block
         prefix_lengths[row] = start + context
-    if position_ids is not None:
-        positions = np.asarray(position_ids, np.int64).reshape(batch, 2, seq)
-    return positions, prefix_lengths
+    return (positions if explicit is None else explicit), prefix_lengths
