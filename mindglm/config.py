@@ -83,6 +83,11 @@ class GLMConfig:
         return "base" if self.family == "chatglm3" else "position"
 
     @property
+    def pad_id(self) -> int:
+        """The id left padding uses (0 when the config names none)."""
+        return self.pad_token_id or 0
+
+    @property
     def eos_token_ids(self) -> list:
         if self.eos_token_id is None:
             return []

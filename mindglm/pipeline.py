@@ -78,7 +78,7 @@ class GLMModel:
         if ids.ndim == 1:
             ids = ids[None, :]
         return generate(self.runner(use_past), ids, attention_mask, position_ids, config,
-                        default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_token_id or 0,
+                        default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_id,
                         streamer=streamer)
 
     # ------------------------------------------------------------------ chat
@@ -112,7 +112,7 @@ class GLMModel:
                                  "raise max_length (or set max_new_tokens), or clear the history")
         decoder = chat.StreamDecoder(tokenizer, family)
         for tokens in decode_steps(self.runner(use_past), np.asarray([prompt]), None, None, config,
-                                   pad_token_id=self.config.pad_token_id or 0):
+                                   pad_token_id=self.config.pad_id):
             token = int(tokens[0])
             text = decoder.push(token)
             if text is not None and token not in stop_ids:

@@ -291,7 +291,7 @@ def run_batch(model, tokenizer, run, batch: list, progress: Progress, rows: Opti
 
     family = run.family
     stop_ids = stop_token_ids(tokenizer, family)
-    pad = run.model.pad_token_id or 0
+    pad = run.model.pad_id
     padded = batch + [batch[-1]] * max((rows or 0) - len(batch), 0)
     length = max(len(r.ids) for r in padded)
     input_ids = np.full((len(padded), length), pad, np.int64)

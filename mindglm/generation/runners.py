@@ -53,9 +53,7 @@ def check_context(prompt_length: int, reserve: int, context: int) -> None:
 def full_forward(network, config, state: "SequenceState", last_only: bool) -> np.ndarray:
     """The network over a whole sequence, no cache: float32 logits [batch, seq or 1, vocab]."""
     seq = state.ids.shape[1]
-    if seq > config.seq_length:
-        raise ConfigError(f"sequence of {seq} tokens exceeds the model's context (seq_length "
-                          f"{config.seq_length}): shorten the prompt or lower max_new_tokens")
+    check_context(seq, 0, config.seq_length)
     logits = network(_tensor(state.ids), _tensor(state.positions), _tensor(state.mask),
                      _tensor(np.arange(seq)), _tensor(state.prefix_lengths), None, last_only)
     return logits.asnumpy()
@@ -151,7 +149,7 @@ class CachedRunner:
         bucket = self.bucket_for(length, reserve or 0)
         extra = bucket - length
         self._ensure_cache(batch)
-        pad_id = self.config.pad_token_id or 0
+        pad_id = self.config.pad_id
         ids = np.pad(state.ids, ((0, 0), (extra, 0)), constant_values=pad_id)
         positions = np.pad(state.positions, ((0, 0), (0, 0), (extra, 0)))
         window = self.cache_length if reserve is None else self.window_for(bucket + reserve)
