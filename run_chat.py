@@ -34,6 +34,7 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only (it warns about e
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mindglm.chat import stable_text, system_messages  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 USER_PROMPT = "用户："
@@ -41,9 +42,6 @@ OBSERVATION_PROMPT = "工具结果 Observation："
 BOT_PREFIX = "ChatGLM："
 QUIT_WORDS = ("stop", "exit", "quit")
 # The system prompt THUDM's ChatGLM3 tool demo uses when tools are given without one.
-TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
-_PLACEHOLDER = "[[训练时间]]"  # replaced by process_response once complete: hold back a partial one
-_V1_CHANGING = ",!:;?"          # ChatGLM-6B turns these full-width once a CJK character follows
 
 HELP = """commands: clear (new conversation) | stop, exit, quit, Ctrl-D (leave) | Ctrl-C (interrupt a reply)
 ChatGLM3 only: /system <text> (system prompt; alone: remove) | /tools <file.json> (tool definitions; /tools off)
@@ -84,29 +82,6 @@ def load_run(args):
     # short replies so that a conversation with the demo lasts several turns
     overrides = [("generation.max_new_tokens", 48)] + args.overrides
     return resolve_run(config, None, args.device, overrides), True
-
-
-# ---------------------------------------------------------------------------------- streaming text
-def stable_text(response: str, family: str) -> str:
-    """The part of a reply-so-far that later tokens cannot change any more.
-
-    Post-processing can rewrite the tail of a reply: a partial `[[训练时间]]` becomes `2023年` when
-    complete; ChatGLM-6B makes `,!:;?` full-width when a CJK character follows; a ChatGLM3 tool
-    call starts with the tool's name (ASCII, no newline) before it turns into a dict. Those tails
-    are held back until they settle.
-    """
-    cut = len(response)
-    for k in range(min(len(_PLACEHOLDER) - 1, cut), 0, -1):
-        if response.endswith(_PLACEHOLDER[:k]):
-            cut -= k
-            break
-    if family == "chatglm":
-        while cut > 0 and response[cut - 1] in _V1_CHANGING:
-            cut -= 1
-    if family == "chatglm3" and "\n" not in response and len(response) < 64 and response.isascii() and \
-            response.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
-        cut = 0
-    return response[:cut]
 
 
 class ReplyPrinter:
@@ -178,12 +153,9 @@ class ChatSession:
 
     # ------------------------------------------------------------------ v3 system message
     def _system_messages(self) -> list:
-        if self.family != "chatglm3" or (self.system_text is None and self.tools is None):
+        if self.family != "chatglm3":
             return []
-        message = {"role": "system", "content": self.system_text if self.system_text is not None else TOOL_SYSTEM_PROMPT}
-        if self.tools is not None:
-            message["tools"] = self.tools
-        return [message]
+        return system_messages(self.system_text, self.tools)
 
     def welcome(self) -> str:
         name = FAMILY_NAMES[self.family]

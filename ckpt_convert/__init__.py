@@ -6,11 +6,12 @@
 Reads PyTorch .bin (without torch), .safetensors and MindSpore .ckpt, one tensor in memory at a
 time; the name maps live in `mindglm.checkpoint`.
 """
-from ckpt_convert.convert import convert, convert_to_hf, iter_mindglm_tensors
-from ckpt_convert.ms_ckpt import CkptWriter, read_ckpt, read_ckpt_entries
-from ckpt_convert.safetensors_io import read_safetensors, write_safetensors
-from ckpt_convert.sources import find_weight_files, list_tensors
-from ckpt_convert.torch_bin import read_torch_bin, save_torch_bin
+from ckpt_convert.convert import convert, convert_to_hf
+from mindglm.io.ms_ckpt import CkptWriter, read_ckpt, read_ckpt_entries
+from mindglm.io.weights import iter_mindglm_tensors
+from mindglm.io.safetensors_io import read_safetensors, write_safetensors
+from mindglm.io.sources import find_weight_files, list_tensors
+from mindglm.io.torch_bin import read_torch_bin, save_torch_bin
 from mindglm.checkpoint import CheckpointError
 
 __all__ = [

@@ -4,7 +4,7 @@ import re
 import sys
 
 from ckpt_convert.convert import DEFAULT_SHARD_BYTES, convert, convert_to_hf
-from ckpt_convert.tensors import CAST_TARGETS
+from mindglm.io.tensors import CAST_TARGETS
 from mindglm.checkpoint import CheckpointError
 from mindglm.config import ConfigError
 

@@ -4,104 +4,21 @@ a corrupt file fails before anything is written), then streamed one tensor at a 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Callable, Iterator, Optional, Union
+from typing import Optional
 
 import numpy as np
 
-from ckpt_convert.ms_ckpt import CkptWriter
-from ckpt_convert.safetensors_io import split_shards, write_safetensors
-from ckpt_convert.sources import list_tensors
-from ckpt_convert.tensors import DTYPES, BufferPool, cast, parse_dtype, to_numpy
-from mindglm.checkpoint import (CheckpointError, Plan, build_target, detect_source, plan_to_mindglm, thudm_name,
-                                to_thudm)
-from mindglm.config import GLMConfig
+from mindglm.checkpoint import CheckpointError, thudm_name, to_thudm
+from mindglm.io.ms_ckpt import CkptWriter
+from mindglm.io.safetensors_io import split_shards, write_safetensors
+from mindglm.io.tensors import DTYPES, parse_dtype
+from mindglm.io.weights import ConfigArg, Progress, _Conversion
 
-ConfigArg = Union[GLMConfig, str, None]
-Progress = Optional[Callable[[int, int, str, np.ndarray], None]]
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
-
-
-def resolve_config(config: ConfigArg, src: str) -> tuple:
-    """(GLMConfig or None, its config.json path or None): `config` itself, a config.json / model
-    directory path, or else the config.json next to `src` when there is one."""
-    if isinstance(config, GLMConfig):
-        return config, None
-    if config is None:
-        folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            return None, None
-        config = folder
-    path = os.path.join(config, "config.json") if os.path.isdir(config) else config
-    return GLMConfig.from_thudm(path), path
-
-
-class _Conversion:
-    """A planned conversion of `src`: its lazy tensors and the mindglm targets built from them."""
-
-    def __init__(self, src: str, config: ConfigArg, need_config: bool):
-        self.src = src
-        self.config, self.config_path = resolve_config(config, src)
-        self.tensors = {t.name: t for t in list_tensors(src)}
-        shapes = {name: t.shape for name, t in self.tensors.items()}
-        source = detect_source(shapes)
-        if self.config is None and need_config and source != "mindglm":
-            raise CheckpointError(f"no config.json found next to {src}: pass --config with the model's "
-                                  "THUDM config.json (or its directory)")
-        self.plan: Plan = plan_to_mindglm(shapes, self.config, source,
-                                          config_source=self.config_path or "config.json")
-
-    def stream(self, dtype: Optional[str] = None, reuse: bool = False) -> Iterator:
-        """Yield (mindglm name, array cast to `dtype`) in plan order; bfloat16 stays uint16 bits.
-
-        reuse=True hands out views of two reusable buffers (read, cast), each valid only until
-        the next tensor: for consumers that write each array out before asking for the next.
-        """
-        read_pool, cast_pool = (BufferPool(), BufferPool()) if reuse else (None, None)
-        digests = {}
-        tied = {p.target for p in self.plan.tied}
-        for target in self.plan.targets:
-            pool = read_pool if len(target.pieces) == 1 else None  # pieces are alive together
-            arrays = [self.tensors[p.source].load(pool) for p in target.pieces]
-            array = build_target(target, arrays, self.config)
-            del arrays
-            if target.name in tied:
-                digests[target.name] = _digest(array)
-            yield target.name, cast(array, dtype, cast_pool)
-            del array
-        for piece in self.plan.tied:
-            if _digest(self.tensors[piece.source].load(read_pool)) != digests[piece.target]:
-                raise CheckpointError(f"'{piece.source}' differs from the embedding it should be tied to: "
-                                      "mindglm ties ChatGLM-6B's output layer to its embedding, so this "
-                                      "checkpoint cannot be converted faithfully")
-
-
-def _digest(array: np.ndarray) -> tuple:
-    data = memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
-    return array.dtype.str, array.shape, hashlib.blake2b(data, digest_size=16).digest()
-
-
-def iter_mindglm_tensors(src_dir: str, config: ConfigArg = None, dtype: Optional[str] = None,
-                         reuse: bool = False) -> Iterator:
-    """Yield (mindglm name, numpy array) for every parameter of a checkpoint, one at a time.
-
-    `src_dir` is a THUDM model directory (.bin or .safetensors, sharded or not) or a weight file
-    (.bin, .safetensors, or a MindFormers / mindglm .ckpt); `config` a GLMConfig or config.json
-    path (default: the config.json next to the weights). dtype None keeps float32/float16 and
-    turns bfloat16 into float32 (numpy has no bfloat16); "bfloat16" rounds to bfloat16 values,
-    returned as float32 arrays. reuse=True yields views of reusable buffers, each valid only
-    until the next tensor is requested (much faster for a consumer that copies each array at
-    once, e.g. into a MindSpore Parameter; never keep those arrays).
-    """
-    dtype = parse_dtype(dtype)
-    pool = BufferPool() if reuse else None
-    for name, array in _Conversion(src_dir, config, need_config=True).stream(dtype, reuse):
-        yield name, to_numpy(array, pool)
-
 
 def convert(src: str, dst: str, dtype: Optional[str] = None, config: ConfigArg = None,
             progress: Progress = None) -> dict:

@@ -31,6 +31,9 @@ from mindglm.tokenization import FAMILIES, GLMTokenizer
 V3_ROLES = ("system", "user", "assistant", "observation")
 TRAINING_TIME_PLACEHOLDER = "[[训练时间]]"
 TRAINING_TIME = "2023年"
+# ChatGLM3's demos open a tool-using conversation with this system text.
+TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+_V1_CHANGING = ",!:;?"  # ChatGLM-6B turns these full-width once a CJK character follows
 
 # ChatGLM-6B turns ASCII punctuation next to a CJK ideograph into its full-width form.
 _HALF_TO_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
@@ -295,3 +298,61 @@ class StreamDecoder:
         else:
             self.ids.extend(int(i) for i in new_ids)
         return decode_stream_text(self.tokenizer, self.ids, self.family)
+
+
+def system_messages(system_text: Optional[str] = None, tools: Optional[list] = None) -> list:
+    """ChatGLM3's opening system message for a system text and/or tool definitions ([] for none);
+    with tools and no text, the tool prompt of THUDM's demos."""
+    if system_text is None and tools is None:
+        return []
+    message = {"role": "system", "content": system_text if system_text is not None else TOOL_SYSTEM_PROMPT}
+    if tools is not None:
+        message["tools"] = tools
+    return [message]
+
+
+def messages_to_turn(messages, family: str) -> tuple:
+    """(query, history, role) from an OpenAI-style message list whose last message is the query.
+
+    Raises ValueError (naming the message) for a list the family cannot take."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                or not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{index}] must be an object with string 'role' and 'content'")
+    last = messages[-1]
+    roles = ("user", "observation") if family == "chatglm3" else ("user",)
+    if last["role"] not in roles:
+        raise ValueError(f"the last message is the query: its role must be {' or '.join(roles)}, "
+                         f"got {last['role']!r}")
+    earlier = messages[:-1]
+    if family == "chatglm3":
+        return last["content"], [dict(m) for m in earlier], last["role"]
+    if len(earlier) % 2 or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(earlier)):
+        raise ValueError("for ChatGLM-6B/ChatGLM2-6B the messages before the query must alternate "
+                         "user, assistant (no system messages)")
+    pairs = [[earlier[i]["content"], earlier[i + 1]["content"]] for i in range(0, len(earlier), 2)]
+    return last["content"], pairs, "user"
+
+
+def stable_text(response: str, family: str) -> str:
+    """The part of a reply-so-far that later tokens cannot change any more.
+
+    Post-processing can rewrite the tail of a reply: a partial `[[训练时间]]` becomes `2023年` when
+    complete; ChatGLM-6B makes `,!:;?` full-width when a CJK character follows; a ChatGLM3 tool
+    call starts with the tool's name (ASCII, no newline) before it turns into a dict. Those tails
+    are held back until they settle.
+    """
+    cut = len(response)
+    for k in range(min(len(TRAINING_TIME_PLACEHOLDER) - 1, cut), 0, -1):
+        if response.endswith(TRAINING_TIME_PLACEHOLDER[:k]):
+            cut -= k
+            break
+    if family == "chatglm":
+        while cut > 0 and response[cut - 1] in _V1_CHANGING:
+            cut -= 1
+    if family == "chatglm3" and "\n" not in response and len(response) < 64 and response.isascii() and \
+            response.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
+        cut = 0
+    return response[:cut]

@@ -1,7 +1,7 @@
 """Name maps and layout transforms between THUDM, MindFormers and mindglm parameter names.
 
 Pure numpy: nothing here imports MindSpore or reads files. `ckpt_convert` streams tensors through
-these functions; `mindglm.load_model` gets its arrays from `ckpt_convert.iter_mindglm_tensors`.
+these functions; `mindglm.load_model` gets its arrays from `mindglm.io.weights.iter_mindglm_tensors`.
 
 mindglm names (the contract the network is built against; matrices are [out, in] like torch):
 

@@ -174,8 +174,8 @@ def load_weights(network, tensors, source: str) -> None:
 
 def _weights_of(path: str, config: GLMConfig):
     """(name, array) pairs in mindglm names from a THUDM dir or a .ckpt (mindglm/MindFormers names)."""
-    import ckpt_convert  # the converter package: readers for .bin, .safetensors and .ckpt
-    return ckpt_convert.iter_mindglm_tensors(path, config)
+    from mindglm.io.weights import iter_mindglm_tensors
+    return iter_mindglm_tensors(path, config)
 
 
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None) -> GLMModel:

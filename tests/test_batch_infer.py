@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import batch_infer  # noqa: E402
-from batch_infer import Request, make_batches, messages_to_turn, parse_record, read_done_ids  # noqa: E402
+from batch_infer import Request, make_batches, parse_record, read_done_ids  # noqa: E402
+from mindglm.chat import messages_to_turn  # noqa: E402
 
 BATCH_INFER = os.path.join(REPO, "tools", "batch_infer.py")
 TINY = {family: os.path.join(REPO, "configs", "tiny", f"{family}_e2e.yaml")

@@ -17,7 +17,7 @@ import pytest
 from ckpt_convert import (CheckpointError, CkptWriter, convert, convert_to_hf, iter_mindglm_tensors, read_ckpt,
                           read_ckpt_entries, read_safetensors, read_torch_bin, save_torch_bin)
 from ckpt_convert.__main__ import main
-from ckpt_convert.tensors import cast
+from mindglm.io.tensors import cast
 from mindglm.checkpoint import expected_shapes, thudm_name
 from mindglm.config import GLMConfig
 
@@ -161,8 +161,8 @@ def test_reader_matches_torch_when_installed(tmp_path):
 
 def test_strided_and_offset_storages(tmp_path):
     """Tensors viewing part of a storage (offset, transposed strides), as torch writes views."""
-    from ckpt_convert.tensors import DTYPES
-    from ckpt_convert.torch_bin import state_dict_pickle
+    from mindglm.io.tensors import DTYPES
+    from mindglm.io.torch_bin import state_dict_pickle
     storage = np.arange(60, dtype=np.float32)
     path = str(tmp_path / "views.bin")
     entries = [("transposed", DTYPES["float32"], "0", 60, 0, (10, 6), (1, 10)),

@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import run_chat  # noqa: E402
-from run_chat import BOT_PREFIX, USER_PROMPT, ChatSession, ReplyPrinter, stable_text  # noqa: E402
+from mindglm.chat import stable_text  # noqa: E402
+from run_chat import BOT_PREFIX, USER_PROMPT, ChatSession, ReplyPrinter  # noqa: E402
 
 RUN_CHAT = os.path.join(REPO, "run_chat.py")
 TINY = {family: os.path.join(REPO, "configs", "tiny", f"{family}_e2e.yaml")

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from mindglm.config import ConfigError  # noqa: E402
+from mindglm.chat import messages_to_turn  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 KNOWN_FIELDS = ("id", "prompt", "history", "messages", "generation")
@@ -91,29 +92,6 @@ def id_key(value) -> str:
 
 
 # ---------------------------------------------------------------------------------- input
-def messages_to_turn(messages, family: str) -> tuple:
-    """(query, history, role) from a chat message list whose last message is the query."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                or not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{index}] must be an object with string 'role' and 'content'")
-    last = messages[-1]
-    roles = ("user", "observation") if family == "chatglm3" else ("user",)
-    if last["role"] not in roles:
-        raise ValueError(f"the last message is the query: its role must be {' or '.join(roles)}, "
-                         f"got {last['role']!r}")
-    earlier = messages[:-1]
-    if family == "chatglm3":
-        return last["content"], [dict(m) for m in earlier], last["role"]
-    if len(earlier) % 2 or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(earlier)):
-        raise ValueError("for ChatGLM-6B/ChatGLM2-6B the messages before the query must alternate "
-                         "user, assistant (no system messages)")
-    pairs = [[earlier[i]["content"], earlier[i + 1]["content"]] for i in range(0, len(earlier), 2)]
-    return last["content"], pairs, "user"
-
-
 def parse_record(text: str, line: int, family: str, warned: set) -> Request:
     try:
         record = json.loads(text)

@@ -23,8 +23,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ckpt_convert.tensors import cast  # noqa: E402
-from ckpt_convert.torch_bin import save_torch_bin  # noqa: E402
+from mindglm.io.tensors import cast  # noqa: E402
+from mindglm.io.torch_bin import save_torch_bin  # noqa: E402
 
 CONFIG_6B = {
     "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "add_bias_linear": False,

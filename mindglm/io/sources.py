@@ -7,10 +7,10 @@ import glob
 import json
 import os
 
-from ckpt_convert.ms_ckpt import read_ckpt_entries
-from ckpt_convert.safetensors_io import read_safetensors
-from ckpt_convert.tensors import corrupt
-from ckpt_convert.torch_bin import read_torch_bin
+from mindglm.io.ms_ckpt import read_ckpt_entries
+from mindglm.io.safetensors_io import read_safetensors
+from mindglm.io.tensors import corrupt
+from mindglm.io.torch_bin import read_torch_bin
 from mindglm.checkpoint import CheckpointError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

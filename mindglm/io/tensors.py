@@ -1,6 +1,6 @@
 """Tensor records shared by the readers and writers: dtypes, lazy tensors and casts.
 
-numpy has no bfloat16. Inside ckpt_convert a bfloat16 tensor is a uint16 array holding the raw
+numpy has no bfloat16. Inside the readers a bfloat16 tensor is a uint16 array holding the raw
 bits, so it passes through renames and row permutations untouched and is written back bit for
 bit; `to_numpy` widens it to float32 (exactly: bits << 16) for callers outside the package.
 """
@@ -172,5 +172,5 @@ def cast(array: np.ndarray, dst: "str | None", pool: "BufferPool | None" = None)
 
 
 def to_numpy(array: np.ndarray, pool: "BufferPool | None" = None) -> np.ndarray:
-    """A plain numpy array for callers outside ckpt_convert: bfloat16 bits become float32."""
+    """A plain numpy array for callers outside the readers: bfloat16 bits become float32."""
     return cast(array, "float32", pool) if dtype_of(array).name == "bfloat16" else array

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ckpt_convert.tensors import BY_TORCH, DType, LazyTensor, corrupt, dtype_of, read_into
+from mindglm.io.tensors import BY_TORCH, DType, LazyTensor, corrupt, dtype_of, read_into
 from mindglm.checkpoint import CheckpointError
 
 _ZIP_MAGIC = b"PK\x03\x04"

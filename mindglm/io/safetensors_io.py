@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ckpt_convert.tensors import BY_SAFETENSORS, DTYPES, LazyTensor, corrupt, dtype_of, read_into
+from mindglm.io.tensors import BY_SAFETENSORS, DTYPES, LazyTensor, corrupt, dtype_of, read_into
 from mindglm.checkpoint import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024

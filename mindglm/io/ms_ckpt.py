@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ckpt_convert.tensors import BY_MINDSPORE, LazyTensor, corrupt, dtype_of, read_into, to_numpy
+from mindglm.io.tensors import BY_MINDSPORE, LazyTensor, corrupt, dtype_of, read_into, to_numpy
 from mindglm.checkpoint import CheckpointError
 
 CHUNK_BYTES = 512 * 1024 * 1024  # what mindspore.save_checkpoint uses (SLICE_SIZE KiB)
