@@ -64,6 +64,11 @@ def test_kernel_arguments_follow_the_documented_layout(queries, keys):
     assert args[0].shape == (2, HEADS, queries, DIM) and args[1].shape == (2, KV_HEADS, keys, DIM)
     if queries == 1:
         assert kernel is ops.incre_flash_attention
+        allowed[0, :, :, 9:] = False                 # a shorter cache row: 9 keys of the window
+        kernel, args, kwargs = flash.kernel_call(Tensor(q), Tensor(k), Tensor(v), Tensor(allowed))
+        mask = kwargs["attn_mask"]
+        last_allowed = [int(np.nonzero(row[0, 0])[0].max()) + 1 for row in allowed]
+        assert kwargs["actual_seq_lengths"].asnumpy().tolist() == last_allowed == [9, keys]
         assert kwargs["num_heads"] == HEADS and kwargs["num_key_value_heads"] == KV_HEADS
         assert kwargs["scale_value"] == pytest.approx(scale)
         head_num = kwargs["num_heads"]

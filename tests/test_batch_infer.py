@@ -251,3 +251,23 @@ def test_read_done_ids_drops_a_torn_last_line(tmp_path):
     path.write_text('{"id": "a"}\nnot json\n')
     with pytest.raises(batch_infer.BatchError, match="out.jsonl:2"):
         read_done_ids(str(path))
+
+
+def test_mixed_lengths_with_the_shipped_default_budget_answer_every_line(tmp_path):
+    """THUDM's chat default (max_length 8192, the shipped configs' default) on a model whose rows
+    hold 512 tokens: lines of different lengths share the engine, and each one runs to the end
+    of its own row — none aborts the batch."""
+    records = [{"id": i, "prompt": text} for i, text in enumerate(["你好", "讲一个很长很长的关于机器学习和人工智能的历史故事，" * 4,
+                                                                    "写一首诗"])]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    output = str(tmp_path / "out.jsonl")
+    overrides = ["generation.max_length=8192", "generation.do_sample=false"]
+    result = run(["--config", TINY["chatglm3"], "--input", source, "--output", output, "--batch-size", "2",
+                  "--set", overrides[0], "--set", overrides[1]])
+    assert result.returncode == 0, result.stderr
+    rows = {row["id"]: row for row in read_jsonl(output)}
+    assert sorted(rows) == [0, 1, 2]
+    lengths = {row["prompt_tokens"] for row in rows.values()}
+    assert len(lengths) == 3                                   # three different prompt lengths
+    for row in rows.values():
+        assert row["finish_reason"] == "length" and row["prompt_tokens"] + row["completion_tokens"] == 512

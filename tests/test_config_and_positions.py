@@ -116,14 +116,20 @@ def test_v1_attention_mask_is_bidirectional_over_the_context():
     from mindspore import Tensor
     import mindspore as ms
     from mindglm.models.layers import attention_mask
-    key_valid = Tensor(np.array([[0, 1, 1, 1, 1]]), ms.int32)
-    allowed = attention_mask(key_valid, Tensor(np.arange(5), ms.int32), Tensor(np.array([3]), ms.int32), 5)
-    expected = np.array([[0, 1, 1, 0, 0],   # pad query: only real context keys (never NaN)
-                         [0, 1, 1, 0, 0],
-                         [0, 1, 1, 0, 0],
-                         [0, 1, 1, 1, 0],
-                         [0, 1, 1, 1, 1]], bool)
-    np.testing.assert_array_equal(allowed.asnumpy()[0, 0], expected)
+    key_valid = Tensor(np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]), ms.int32)
+    query_index = Tensor(np.array([np.arange(5), [1, 2, 3, 3, 3]]), ms.int32)   # per row
+    allowed = attention_mask(key_valid, query_index, Tensor(np.array([3, 2]), ms.int32))
+    expected = np.array([[[0, 1, 1, 0, 0],   # pad query: only real context keys (never NaN)
+                          [0, 1, 1, 0, 0],
+                          [0, 1, 1, 0, 0],
+                          [0, 1, 1, 1, 0],
+                          [0, 1, 1, 1, 1]],
+                         [[1, 1, 0, 0, 0],   # a row whose queries sit at slots 1, 2, 3, 3, 3
+                          [1, 1, 1, 0, 0],
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 1, 1, 0],
+                          [1, 1, 1, 1, 0]]], bool)
+    np.testing.assert_array_equal(allowed.asnumpy()[:, 0], expected)
 
 
 def test_v2_positions_from_attention_mask():

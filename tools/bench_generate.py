@@ -1,9 +1,12 @@
-"""Generation speed of mindglm's cached runner on a ChatGLM2-shaped model with random weights.
+"""Generation speed of mindglm's engine on a ChatGLM2-shaped model with random weights.
 
 One process, one model: first-token latency including compilation, compile seconds (prefill and
-decode graphs), warm prefill seconds, whether a prompt of another length in the same bucket
-recompiles, warm decode tokens/s at batch 1 and batch N (default 8), decode steps 1-28 against the
-last 28, the cost of going back to batch 1 after batch N, and peak RSS.
+decode graphs), warm prefill seconds, whether prompts of other lengths recompile, warm decode
+tokens/s at batch 1 and batch N (default 8), decode steps 1-28 against the last 28, batch 1 with
+THUDM's default budget (max_length = the context) against max_new_tokens, N sequences arriving
+one after another (continuous batching: the tokens/s once all run, and the first-token latency
+of one joining a running batch against its prefill time + one decode step), the graphs compiled
+after warm-up, the KV cache's size and peak RSS.
 
 With --compare-torch, transformers' GlmForCausalLM (the same network, see the fixtures README,
 "A second oracle for ChatGLM2/3") runs the same prompts with the same weights. Its greedy tokens
@@ -225,29 +228,80 @@ class TorchEngine:
 
 
 def cold_start(model, prompt1, second_length: int) -> dict:
-    """Fresh model: compilation costs, warm prefill/advance, same-bucket second prompt."""
+    """Fresh model: compilation costs, warm prefill and decode step, prompts of other lengths."""
     result = {}
-    runner = model.runner()
-    tokens, streamer, start = MindglmEngine(model, 3).generate(prompt1)
-    stamps = streamer.stamps
-    result["first_token_latency_s"] = stamps[0] - start          # prefill incl. its compilation
-    result["first_decode_step_s"] = stamps[1] - stamps[0]          # incl. the decode graph's compilation
-    prefill = [timed(runner.start, prompt1, reserve=3)[0] for _ in range(3)]  # the graphs generate() used
-    result["prefill_s"] = float(np.median(prefill))
+    engine = MindglmEngine(model, 3)
+    _, streamer, start = engine.generate(prompt1)
+    result["first_token_latency_s"] = streamer.stamps[0] - start        # prefill incl. its compilation
+    result["first_decode_step_s"] = streamer.stamps[1] - streamer.stamps[0]  # incl. the decode graph's
+    warm = []
+    for _ in range(3):
+        _, streamer, start = engine.generate(prompt1)
+        warm.append((streamer.stamps[0] - start, streamer.stamps[1] - streamer.stamps[0]))
+    result["prefill_s"] = float(np.median([w[0] for w in warm]))
+    result["advance_s"] = float(np.median([w[1] for w in warm]))
     result["compile_prefill_s"] = result["first_token_latency_s"] - result["prefill_s"]
-    token = np.zeros(prompt1.shape[0], np.int64)
-    advance = [timed(runner.advance, token)[0] for _ in range(5)]
-    result["advance_s"] = float(np.median(advance))
     result["compile_decode_s"] = result["first_decode_step_s"] - result["advance_s"]
-    before = set(runner.signatures)
-    elapsed, _ = timed(runner.start, prompt1[:, :second_length], reserve=3)
-    result["second_prompt"] = {
-        "length": int(second_length), "bucket": runner.bucket_for(second_length),
-        "same_bucket": runner.bucket_for(second_length) == runner.bucket_for(prompt1.shape[1]),
-        "prefill_s": elapsed, "prefill_over_warm_prefill": elapsed / result["prefill_s"],
-        "recompiled": set(runner.signatures) != before,
-        "new_signatures": sorted(map(str, set(runner.signatures) - before))}
+    for key, length in (("second_prompt", second_length), ("third_prompt", max(1, second_length // 2))):
+        before = model.engine.compiles
+        _, streamer, start = engine.generate(prompt1[:, :length])
+        result[key] = {"length": int(length), "prefill_s": streamer.stamps[0] - start,
+                       "graphs_compiled": model.engine.compiles - before}
     return result
+
+
+def thudm_budget(model, prompt1, steps: int) -> dict:
+    """Batch-1 decode with THUDM's chat() budget (max_length = the context) against max_new_tokens:
+    the engine's window follows the row's length, not its budget, so both should run alike."""
+    from mindglm.generation.config import GenerationConfig
+    engine = model.engine
+    rates = {}
+    for key, config in (("max_length_context", GenerationConfig(max_length=model.config.seq_length, eos_token_id=-1)),
+                        ("max_new_tokens", GenerationConfig(max_new_tokens=steps + 1, eos_token_id=-1))):
+        seq = engine.add_request(prompt1[0], config)
+        engine.step()
+        stamps = []
+        while len(seq.output_ids) <= steps:
+            engine.step()
+            stamps.append(time.perf_counter())
+        engine.abort(seq.request_id)
+        rates[key] = 1.0 / float(np.median(np.diff(stamps)))
+    rates["ratio"] = rates["max_length_context"] / rates["max_new_tokens"]
+    return rates
+
+
+def continuous_arrivals(model, prompts, steps_between: int, new_tokens: int) -> dict:
+    """Sequences arriving one after another (one every `steps_between` decode steps), not
+    together: decode tokens/s once all of them run, against one alone, and the first-token
+    latency of each joining sequence against its prefill time plus one decode step."""
+    from mindglm.generation.config import GenerationConfig
+    engine = model.engine
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=-1)
+    alone = engine.add_request(prompts[0], config)
+    stamps = []
+    while not alone.finished:
+        engine.step()
+        stamps.append(time.perf_counter())
+    alone_rate = 1.0 / float(np.median(np.diff(stamps[1:])))
+    seqs, joins = [], []
+    for prompt in prompts:
+        start = time.perf_counter()
+        seqs.append(engine.add_request(prompt, config))
+        engine.step()
+        joins.append(time.perf_counter() - start)
+        for _ in range(steps_between):
+            engine.step()
+    step_times = []
+    while sum(len(s.output_ids) for s in seqs) < len(seqs) * new_tokens and all(not s.finished for s in seqs):
+        start = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - start)
+    engine.run_until_done(seqs)
+    all_rate = len(seqs) / float(np.median(step_times))
+    return {"sequences": len(seqs), "steps_between_arrivals": steps_between,
+            "alone_tokens_per_s": alone_rate, "all_running_tokens_per_s": all_rate,
+            "ratio": all_rate / alone_rate,
+            "join_first_token_s_median": float(np.median(joins[1:])), "join_first_token_s_max": float(max(joins[1:]))}
 
 
 def measure(engines: list, prompt, repeats: int) -> tuple:
@@ -325,7 +379,10 @@ def main(argv=None) -> int:
     prompt_n = rng.integers(3, config.vocab_size, (args.batch, args.prompt_len), dtype=np.int64)
 
     mg = cold_start(model, prompt1, second)
-    report["cache_length"] = model.runner().cache_length
+    engine_config = model.engine_config
+    report["engine"] = {"max_num_seqs": engine_config.max_num_seqs, "max_model_len": model.max_model_len,
+                        "kv_cache_mb": 2 * config.num_layers * (engine_config.max_num_seqs + 1) * model.max_model_len
+                        * config.kv_heads * config.head_dim * 4 / 2 ** 20}
     engines = [MindglmEngine(model, args.new_tokens)]
     if args.compare_torch:
         import torch
@@ -347,12 +404,19 @@ def main(argv=None) -> int:
     for engine in engines[1:]:
         engine.generate(prompt_n, 4)
     results["batch_n"], tokens["batch_n"] = measure(engines, prompt_n, args.repeats)
-    # Back to batch 1 after batch N: does the runner rebuild (and recompile) its graphs?
-    before = set(model.runner().signatures)
+    # Back to batch 1 after batch N: the cache pool and graphs stay; nothing is rebuilt.
+    before = model.engine.compiles
     _, streamer, start = engines[0].generate(prompt1, 2)
     mg["batch1_after_batch_n"] = {"first_token_s": streamer.stamps[0] - start,
                                   "second_token_s": streamer.stamps[1] - start,
-                                  "new_signatures": len(set(model.runner().signatures) - before)}
+                                  "graphs_compiled": model.engine.compiles - before}
+    mg["thudm_default_budget_batch1"] = thudm_budget(model, prompt1, WINDOW)
+    start = time.perf_counter()
+    mg["warmup_graphs_compiled"] = model.engine.warmup()
+    mg["warmup_s"] = time.perf_counter() - start
+    before = model.engine.compiles
+    mg["continuous_arrivals"] = continuous_arrivals(model, list(prompt_n), 4, args.new_tokens)
+    mg["graphs_compiled_after_warmup"] = model.engine.compiles - before
 
     for engine in engines:
         entry = mg if engine.name == "mindglm" else report.setdefault("torch", {})

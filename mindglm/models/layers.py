@@ -225,9 +225,13 @@ class FlashAttention(nn.Cell):
         """(kernel, positional args, keyword args) for q [B,N,S,D], k/v [B,kvN,K,D], mask [B,1,S,K]."""
         discard = ops.logical_not(mask).astype(ms.uint8)
         if q.shape[2] == 1:
+            # Per-row key counts let the kernel skip each cache row's unused tail of the window:
+            # the index of the row's last admitted key, plus one.
+            key_number = ops.arange(1, mask.shape[-1] + 1, dtype=ms.int32)
+            lengths = ops.amax(mask[:, 0, 0, :].astype(ms.int32) * key_number, -1)
             return (ops.incre_flash_attention, (q, k, v),
-                    dict(attn_mask=discard, num_heads=self.num_heads, input_layout="BNSD",
-                         scale_value=self.scale, num_key_value_heads=self.kv_heads))
+                    dict(attn_mask=discard, actual_seq_lengths=lengths, num_heads=self.num_heads,
+                         input_layout="BNSD", scale_value=self.scale, num_key_value_heads=self.kv_heads))
         return (ops.flash_attention_score, (q, k, v, self.num_heads),
                 dict(attn_mask=discard, scalar_value=self.scale, input_layout="BNSD", sparse_mode=0))
 
