@@ -34,6 +34,19 @@ FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 
 
+# transformers' `clean_up_tokenization` (tokenization_utils_base.py), in its order: what `decode()`
+# does to a text when `clean_up_tokenization_spaces` is on.
+_CLEAN_UP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Remove the space before punctuation and English contractions, as transformers does."""
+    for before, after in _CLEAN_UP_REPLACEMENTS:
+        text = text.replace(before, after)
+    return text
+
+
 class TokenizerError(ConfigError):
     """A tokenizer file or option a user can fix: the message names the path and the fix."""
 
@@ -60,10 +73,13 @@ def _load_sentencepiece(vocab_file: str) -> spm.SentencePieceProcessor:
 class GLMTokenizer:
     """What the three families share: sentencepiece loading, id lookups, batching with left padding.
 
-    Subclasses define `encode`, `decode`, `special_tokens` (name -> id) and `_position_ids`.
+    Subclasses define `encode`, `_decode`, `special_tokens` (name -> id) and `_position_ids`.
     """
 
     family = ""
+    # THUDM's ChatGLM-6B tokenizer runs under transformers' default clean_up_tokenization_spaces=True
+    # (it pins transformers 4.27); ChatGLM2/3's tokenizer_config.json sets it to False.
+    CLEAN_UP_TOKENIZATION_SPACES = False
     _id_offset = 0  # ChatGLM-6B's num_image_tokens
     _appended_names: dict = {}  # ChatGLM2/3: special ids numbered after the sentencepiece pieces
 
@@ -116,8 +132,19 @@ class GLMTokenizer:
         """Ids of `text` alone, without special tokens (what the chat templates concatenate)."""
         return self.encode(text, add_special_tokens=False)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`, as the reference tokenizer's `decode` returns it."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: Optional[bool] = None) -> str:
+        """Text of `ids`, as the reference tokenizer's `decode` returns it.
+
+        clean_up_tokenization_spaces: None takes the family's reference setting (ChatGLM-6B on,
+        ChatGLM2/3 off); on, " ." " ," " !" " ?" " 's" " n't" ... lose their space.
+        """
+        text = self._decode(ids, skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.CLEAN_UP_TOKENIZATION_SPACES
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
     def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
@@ -180,6 +207,7 @@ class ChatGLMTokenizer(GLMTokenizer):
     """
 
     family = "chatglm"
+    CLEAN_UP_TOKENIZATION_SPACES = True
     CONTROL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
     NAMED_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
     LINEBREAK = "<n>"
@@ -255,7 +283,7 @@ class ChatGLMTokenizer(GLMTokenizer):
             ids += [self.gmask_token_id, self.sop_token_id]
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Control pieces (`[gMASK]`, `<sop>`, `<eop>`, ...) decode to nothing either way;
         `<pad>` ids are removed as in the reference; ids outside the vocabulary are ignored;
         `skip_special_tokens=True` also drops `<unk>` (otherwise shown as ` ⁇ `)."""
@@ -324,7 +352,7 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         ids = self.sp.encode(text)
         return self._prefix + ids if add_special_tokens else ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` as the reference `decode` returns it: `<s>`, `</s>`, `<unk>`/`<pad>` and ids
         outside the vocabulary vanish; special tokens vanish for ChatGLM2 and appear by name
         (`<|user|>`, `[gMASK]`, `sop`, ...) for ChatGLM3 unless `skip_special_tokens=True`."""
