@@ -58,6 +58,9 @@ def _load_sentencepiece(vocab_file: str) -> spm.SentencePieceProcessor:
                              "or the path of its ice_text.model (ChatGLM-6B) / tokenizer.model (ChatGLM2/3)")
     with open(vocab_file, "rb") as handle:
         head = handle.read(64)
+    if not head:
+        raise TokenizerError(f"{vocab_file!r} is an empty file, not a sentencepiece model: re-download "
+                             "ice_text.model / tokenizer.model from the THUDM model repository")
     if head.startswith(b"version https://git-lfs"):
         raise TokenizerError(f"{vocab_file!r} is a git-lfs pointer, not the tokenizer itself: "
                              "run `git lfs pull` in the model repository or download the real file")
@@ -419,8 +422,8 @@ def infer_family(model_dir: str, vocab_file: Optional[str] = None) -> str:
 
     Order: config.json (ChatGLM-6B has `position_encoding_2d`; otherwise `_name_or_path` tells
     ChatGLM3 from ChatGLM2 exactly as `mindglm.config` decides for the model), then
-    tokenizer_config.json's `name_or_path`, then the tokenizer file name (`ice_text.model` is
-    ChatGLM-6B). A bare `tokenizer.model` with nothing else is ambiguous: ChatGLM3 is assumed,
+    tokenizer_config.json's `name_or_path`, then the tokenizer itself: a file (under any name) by its
+    pieces, a directory by its file names (`ice_text.model` is ChatGLM-6B). A bare `tokenizer.model` with nothing else is ambiguous: ChatGLM3 is assumed,
     with a warning (its text ids equal ChatGLM2's; pass family='chatglm2' for ChatGLM2).
     """
     from mindglm.config import detect_family
@@ -432,16 +435,22 @@ def infer_family(model_dir: str, vocab_file: Optional[str] = None) -> str:
     hinted = _family_from_name(str(tokenizer_config.get("name_or_path", "")))
     if hinted:
         return hinted
-    names = [os.path.basename(vocab_file)] if vocab_file else os.listdir(model_dir)
-    if TOKENIZER_FILES["chatglm"] in names:
+    if vocab_file is not None:
+        # A file under any name: its pieces tell ChatGLM-6B (GLM control pieces inside) from ChatGLM2/3.
+        is_v1 = _load_sentencepiece(vocab_file).piece_to_id("[gMASK]") != 0
+    else:
+        names = os.listdir(model_dir)
+        is_v1 = TOKENIZER_FILES["chatglm"] in names
+        if not is_v1 and "tokenizer.model" not in names:
+            raise TokenizerError(f"no ice_text.model or tokenizer.model in {model_dir!r}: point load_tokenizer at "
+                                 "a ChatGLM model directory or at its tokenizer file")
+    if is_v1:
         return "chatglm"
-    if "tokenizer.model" in names:
-        warnings.warn(f"cannot tell ChatGLM2 from ChatGLM3 for {vocab_file or model_dir!r} (no config.json "
-                      "or tokenizer_config.json next to it): assuming chatglm3; pass family='chatglm2' "
-                      "for a ChatGLM2 model", stacklevel=3)
-        return "chatglm3"
-    raise TokenizerError(f"no ice_text.model or tokenizer.model in {model_dir!r}: point load_tokenizer at "
-                         "a ChatGLM model directory or at its tokenizer file")
+    warnings.warn(f"cannot tell ChatGLM2 from ChatGLM3 for {vocab_file or model_dir!r} (no config.json "
+                  "or tokenizer_config.json next to it): assuming chatglm3; pass family='chatglm2' "
+                  "for a ChatGLM2 model", stacklevel=3)
+    return "chatglm3"
+
 
 
 def load_tokenizer(path: str, family: Optional[str] = None) -> GLMTokenizer:

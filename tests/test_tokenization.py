@@ -330,3 +330,26 @@ def test_decode_cleanup_matches_transformers(family):
         expected = reference(raw) if family == "chatglm" else raw
         assert tokenizer.decode(ids) == expected, text
         assert tokenizer.decode(ids, clean_up_tokenization_spaces=True) == reference(raw), text
+
+
+def test_load_tokenizer_names_what_is_wrong_with_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(TokenizerError, match="notes.txt' is not a sentencepiece model"):
+        load_tokenizer(str(tmp_path / "notes.txt"))
+    with pytest.raises(TokenizerError, match="empty.model' is an empty file, not a sentencepiece model"):
+        load_tokenizer(str(tmp_path / "empty.model"))
+    # the failures leave nothing behind: a real tokenizer in the same directory still loads
+    shutil.copy(os.path.join(TOKENIZER_DIR, "ice_text.model"), tmp_path / "ice_text.model")
+    assert load_tokenizer(str(tmp_path)).encode("你好") == tokenizer_for("chatglm").encode("你好")
+
+
+def test_load_tokenizer_reads_a_valid_tokenizer_under_another_name(tmp_path):
+    shutil.copy(os.path.join(TOKENIZER_DIR, "ice_text.model"), tmp_path / "glm_v1.spm")
+    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.model"), tmp_path / "glm_v2.bin")
+    v1 = load_tokenizer(str(tmp_path / "glm_v1.spm"))
+    assert isinstance(v1, ChatGLMTokenizer) and v1.encode("你好") == tokenizer_for("chatglm").encode("你好")
+    with pytest.warns(UserWarning, match="assuming chatglm3"):
+        v3 = load_tokenizer(str(tmp_path / "glm_v2.bin"))
+    assert isinstance(v3, ChatGLM3Tokenizer)
+    assert isinstance(load_tokenizer(str(tmp_path / "glm_v2.bin"), family="chatglm2"), ChatGLM2Tokenizer)
