@@ -168,7 +168,8 @@ def load_weights(network, tensors, source: str) -> None:
         seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:
-        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; "
+        listed = ", ".join(f"'{name}'" for name in missing[:3]) + (" and others" if len(missing) > 3 else "")
+        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s) ({listed}); "
                           "it is incomplete or for another model")
 
 
@@ -206,7 +207,7 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     dtype: compute and parameter dtype (None keeps the config's); use_past: the KV-cache path.
     """
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: pass a THUDM model directory (config.json + weights) "
+        raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
     generation = None
     if os.path.isdir(path):

@@ -162,9 +162,14 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        mark, start = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        # An unclosed bracket or quote is only noticed on a later line (or at the end of the file):
+        # name the line where the construct began, which is where the mistake is.
+        if start is not None and mark is not None and start.line < mark.line:
+            context = getattr(exc, "context", None) or "the construct"
+            problem += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
 
 

@@ -96,7 +96,7 @@ def parse_record(text: str, line: int, family: str, warned: set) -> Request:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise ValueError(f"invalid JSON at column {exc.colno}: {exc.msg}") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(KNOWN_FIELDS) - warned)
