@@ -26,3 +26,15 @@ def test_one_missing_tensor_is_named_without_and_others():
     assert "and others" not in str(info.value)
     with pytest.raises(ConfigError, match=r"lacks 4 tensor\(s\) \('[^']+', '[^']+', '[^']+' and others\)"):
         load_weights(network, tensors[:-3], "x.ckpt")
+
+
+def test_max_new_tokens_zero_is_rejected_at_config_time():
+    from mindglm.generation.config import GenerationConfig
+    from mindglm.yaml_config import load_run_config
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny", "chatglm3_e2e.yaml")
+    with pytest.raises(ConfigError, match=r"key 'generation.max_new_tokens' is 0; it must be a positive int or null "
+                                          r"\(a reply needs at least one token"):
+        load_run_config(config, ["generation.max_new_tokens=0"])
+    with pytest.raises(ConfigError, match="'top_p' is 1.5; it must be a number in"):
+        GenerationConfig(top_p=1.5)
+    assert load_run_config(config, ["generation.max_new_tokens=1"]).generation.max_new_tokens == 1
