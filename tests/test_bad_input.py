@@ -38,3 +38,33 @@ def test_max_new_tokens_zero_is_rejected_at_config_time():
     with pytest.raises(ConfigError, match="'top_p' is 1.5; it must be a number in"):
         GenerationConfig(top_p=1.5)
     assert load_run_config(config, ["generation.max_new_tokens=1"]).generation.max_new_tokens == 1
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script", ["run_chat.py", "tools/batch_infer.py", "tools/bench_generate.py",
+                                    "tools/bench_convert.py", "tools/bench_tokenizer.py"])
+def test_scripts_without_their_packages_print_one_line(script):
+    """-I -S: this Python without site-packages, i.e. without numpy, sentencepiece, yaml, MindSpore."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-I", "-S", script, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{script}: error: this Python (") and "lacks numpy<2" in result.stderr
+    assert "run `make chat`" in result.stderr
+
+
+def test_bench_compare_torch_without_torch_names_make_reference(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_generate
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        bench_generate.main(["--compare-torch"])
+    assert info.value.code == 2
+    assert "--compare-torch needs torch (optional reference packages): run `make reference`" in capsys.readouterr().err

@@ -54,6 +54,11 @@ from typing import Any, Optional
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mindglm.requirements import require_packages  # noqa: E402
+
+if __name__ == "__main__":
+    require_packages(__file__)
+
 import numpy as np  # noqa: E402
 
 from mindglm.config import ConfigError  # noqa: E402
