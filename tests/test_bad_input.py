@@ -68,3 +68,15 @@ def test_bench_compare_torch_without_torch_names_make_reference(monkeypatch, cap
         bench_generate.main(["--compare-torch"])
     assert info.value.code == 2
     assert "--compare-torch needs torch (optional reference packages): run `make reference`" in capsys.readouterr().err
+
+
+def test_yaml_sizes_that_disagree_with_the_weights_are_not_blamed_on_config_json():
+    from mindglm.checkpoint import CheckpointError
+    from mindglm.pipeline import build_model
+    from mindglm.yaml_config import load_run_config
+    run = load_run_config(os.path.join(ROOT, "configs", "tiny", "chatglm3_e2e.yaml"),
+                          ["model.model_config.ffn_hidden_size=24"])
+    with pytest.raises((ConfigError, CheckpointError), match=r"has shape \(16, 32\) but the model config expects "
+                                                             r"\(16, 24\) .*ffn_hidden_size=24.*do the model config "
+                                                             r"and these weights belong to the same model\?"):
+        build_model(run.model, run.require_checkpoint(), run.generation)
