@@ -140,9 +140,11 @@ class GLMModel:
                 return prompt, history
             shorter = chat.drop_oldest_turn(family, history) if truncate_history else None
             if shorter is None:
+                # with truncate_history the history is already gone: only the query can shrink
+                fix = "shorten the query" if truncate_history else \
+                    "clear the history, shorten the query, or pass truncate_history=True"
                 raise chat.ChatError(
-                    f"the prompt is {len(prompt)} tokens, the model's context is {self.context_length()}: "
-                    "clear the history, shorten the query, or pass truncate_history=True")
+                    f"the prompt is {len(prompt)} tokens, the model's context is {self.context_length()}: {fix}")
             history = shorter
 
 

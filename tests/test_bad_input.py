@@ -80,3 +80,17 @@ def test_yaml_sizes_that_disagree_with_the_weights_are_not_blamed_on_config_json
                                                              r"\(16, 24\) .*ffn_hidden_size=24.*do the model config "
                                                              r"and these weights belong to the same model\?"):
         build_model(run.model, run.require_checkpoint(), run.generation)
+
+
+def test_prompt_longer_than_the_context_with_truncation_names_only_the_query():
+    from conftest import reference_chat
+    from mindglm.chat import ChatError
+    model, tokenizer, settings, _ = reference_chat(os.path.join(ROOT, "configs", "tiny", "chatglm3_e2e.yaml"),
+                                                   ["generation.max_new_tokens=4"])
+    with pytest.raises(ChatError, match=r"the model's context is 512: shorten the query$"):
+        model.chat(tokenizer, "长" * 600, [], truncate_history=True, **settings)
+    with pytest.raises(ChatError, match=r"context is 512: clear the history, shorten the query, or pass "
+                                        r"truncate_history=True$"):
+        model.chat(tokenizer, "长" * 600, [], **settings)
+    response, history = model.chat(tokenizer, "你好", [], truncate_history=True, **settings)
+    assert isinstance(response, str) and len(history) == 2
