@@ -20,6 +20,7 @@ Input
     GenerationConfig fields for that line (max_length, max_new_tokens, do_sample, top_p, top_k,
     temperature, repetition_penalty, seed). Unknown fields are ignored (with a warning).
   any other file: one prompt per line (blank lines skipped), id = the line number.
+  Both are UTF-8; a byte order mark at the start (as Windows editors write) is skipped.
 
 Output: JSONL, one line per prompt, in the order the batches ran:
     {"id", "response", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
@@ -34,7 +35,8 @@ do_sample the rows of a batch draw from one random stream (reproducible for a gi
 batching, but not equal to one-by-one sampling).
 
 Robustness: a bad line (invalid JSON, no prompt, duplicate id, malformed messages, a prompt
-longer than the model's context) is reported on stderr with its line number and skipped;
+longer than the model's context, or one that max_length leaves no room to answer; run_chat.py
+refuses that turn the same way) is reported on stderr with its line number and skipped;
 --strict makes any bad line an error before anything is generated (exit 1). The output is
 appended and fsync'ed after every batch; --resume skips the ids already in it (an interrupted
 run loses at most the batch in flight and never duplicates a line). Configuration errors are one
@@ -47,6 +49,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -133,13 +136,39 @@ def parse_record(text: str, line: int, family: str, warned: set) -> Request:
     return Request(line, identifier, query, history, role, generation)
 
 
+def check_paths(input_path: str, output_path: str, resume: bool) -> None:
+    """Fail before the model loads: the input must be a readable file, the output a file that can
+    be created (or, with --resume, appended to) in an existing, writable directory."""
+    if os.path.isdir(input_path):
+        raise BatchError(f"--input {input_path} is a directory: pass a file of prompts (.jsonl or text)")
+    if not os.path.isfile(input_path):
+        raise BatchError(f"input file {input_path} does not exist")
+    if os.path.isdir(output_path):
+        raise BatchError(f"--output {output_path} is a directory: pass a file name, e.g. "
+                         f"{os.path.join(output_path, 'answers.jsonl')}")
+    if os.path.exists(output_path) and os.path.getsize(output_path) and not resume:
+        raise BatchError(f"{output_path} already exists: pass --resume to skip the ids in it and append, "
+                         "or remove it")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise BatchError(f"the directory of --output {output_path} does not exist: create {folder} first")
+    try:  # trying is the only reliable test: root ignores permission bits, a read-only mount does not
+        if os.path.exists(output_path):
+            open(output_path, "a", encoding="utf-8").close()
+        else:  # leave nothing behind if the run stops before its first answer
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise BatchError(f"cannot write --output {output_path} ({exc.strerror}): pass a path in a directory "
+                         "you can write to") from None
+
+
 def read_requests(path: str, family: str) -> tuple:
-    """(requests, bad) where bad is a list of (line, reason)."""
+    """(requests, bad) where bad is a list of (line, reason). A UTF-8 byte order mark is skipped."""
     if not os.path.isfile(path):
         raise BatchError(f"input file {path} does not exist")
     jsonl = path.endswith(".jsonl")
     requests, bad, seen, warned = [], [], {}, set()
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, text in enumerate(handle, start=1):
             text = text.rstrip("\n").rstrip("\r")
             if not text.strip():
@@ -180,6 +209,11 @@ def prepare(requests: list, run, tokenizer) -> list:
             continue
         # as model.chat() does: max_new_tokens wins over max_length, and the context bounds both
         request.budget = min(config.new_token_budget(length), context - length)
+        if request.budget <= 0:  # run_chat says the same and does not generate either
+            bad.append((request.line, f"the prompt is {length} tokens and max_length {config.max_length} leaves "
+                                      "no room for a reply: raise generation.max_length or set "
+                                      "generation.max_new_tokens"))
+            requests.remove(request)
     return bad
 
 
@@ -330,11 +364,9 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise BatchError(f"--batch-size must be at least 1, got {args.batch_size}")
+        check_paths(args.input, args.output, args.resume)
         run = resolve_run(args.config, args.checkpoint, args.device, args.overrides)
         requests, bad = read_requests(args.input, run.family)
-        if os.path.exists(args.output) and os.path.getsize(args.output) and not args.resume:
-            raise BatchError(f"{args.output} already exists: pass --resume to skip the ids in it and append, "
-                             "or remove it")
         done = read_done_ids(args.output) if args.resume else set()
         tokenizer = run.load_tokenizer()
         bad += prepare(requests, run, tokenizer)
