@@ -1,7 +1,8 @@
 """ChatGLM-6B (GLM v1): 2D rotary positions, bidirectional context, blank infilling.
 
 What is particular to this family, on top of models/base.py:
-- LayerNorm with bias; GELU (tanh form) MLP with biases; output tied to the word embedding;
+- LayerNorm with bias; GELU (tanh form) MLP with biases; output tied to the word embedding
+  (GLMConfig's family defaults; the builders honour rmsnorm, add_bias_linear, post_layer_norm);
 - each residual is taken from the norm output and scaled by alpha = sqrt(2 * 28): THUDM's
   ChatGLMModel never passes num_layers to GLMBlock, whose default is 28, so alpha is that of the
   28-layer model whatever config.num_layers says (the golden fixtures, 2 layers, confirm it);
@@ -24,7 +25,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
-from mindglm.models.layers import (LayerNorm, Linear, Rotary, SelfAttention, ms_dtype, rotary_angle_table,
+from mindglm.models.layers import (Linear, Rotary, SelfAttention, ms_dtype, norm_factory, rotary_angle_table,
                                    rotary_frequencies, rotate_half_matrix)
 
 # GLMBlock's default num_layers in the reference, the one its residual scale is computed from.
@@ -40,8 +41,9 @@ class GeluMLP(nn.Cell):
     def __init__(self, config):
         super().__init__()
         param_dtype, compute_dtype = ms_dtype(config.param_dtype), ms_dtype(config.compute_dtype)
-        self.up = Linear(config.hidden_size, config.ffn_hidden_size, True, param_dtype, compute_dtype)
-        self.down = Linear(config.ffn_hidden_size, config.hidden_size, True, param_dtype, compute_dtype)
+        bias = config.add_bias_linear
+        self.up = Linear(config.hidden_size, config.ffn_hidden_size, bias, param_dtype, compute_dtype)
+        self.down = Linear(config.ffn_hidden_size, config.hidden_size, bias, param_dtype, compute_dtype)
 
     def construct(self, x):
         # MindSpore's fused tanh-GELU is accurate to ~5e-7; its CPU ops.tanh alone is only ~1e-4.
@@ -66,7 +68,7 @@ def two_half_rotation(head_dim: int) -> np.ndarray:
 
 def build_network(config) -> GLMTransformer:
     """The ChatGLM-6B network with zero weights (load a checkpoint into it)."""
-    norm = lambda: LayerNorm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+    norm = norm_factory(config)
     rotary = Rotary(config.head_dim, config.head_dim, two_half_rotation(config.head_dim))
     alpha = math.sqrt(2 * ALPHA_NUM_LAYERS)
     blocks = []
@@ -75,7 +77,8 @@ def build_network(config) -> GLMTransformer:
                                   score_scale=float(layer_number))
         blocks.append(Block(norm(), attention, norm(), GeluMLP(config), residual_from_norm=True,
                             residual_scale=alpha))
-    return GLMTransformer(config, blocks, norm(), RotaryTable(rotary_angles(config)))
+    final_norm = norm() if config.post_layer_norm else nn.Identity()
+    return GLMTransformer(config, blocks, final_norm, RotaryTable(rotary_angles(config)))
 
 
 def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, position_ids=None):

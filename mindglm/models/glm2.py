@@ -13,7 +13,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
-from mindglm.models.layers import (Linear, RMSNorm, Rotary, SelfAttention, default_query_scale, ms_dtype,
+from mindglm.models.layers import (Linear, Rotary, SelfAttention, default_query_scale, ms_dtype, norm_factory,
                                    rotary_angle_table, rotary_frequencies, rotate_interleaved_matrix)
 
 # Generation advances the single position channel by one per token.
@@ -49,7 +49,7 @@ def rotary_angles(config) -> np.ndarray:
 
 def build_network(config) -> GLMTransformer:
     """The ChatGLM2/3 network with zero weights (load a checkpoint into it)."""
-    norm = lambda: RMSNorm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+    norm = norm_factory(config)
     rotary = Rotary(config.rotary_dims, config.head_dim, rotate_interleaved_matrix(config.rotary_dims))
     blocks = [
         Block(norm(), SelfAttention(config, rotary, default_query_scale(config.head_dim)), norm(),
