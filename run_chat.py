@@ -329,7 +329,8 @@ def main(argv=None) -> int:
         run.require_checkpoint()
         tokenizer = run.load_tokenizer()
         apply_context(run.context)
-        model = run.build_model()
+        from mindglm.pipeline import load_run_model
+        model = load_run_model(run)
     except (ConfigError, CheckpointError, ChatError, UsageError) as exc:
         message = " ".join(str(exc).split())
         print(f"run_chat.py: error: {message}", file=sys.stderr)

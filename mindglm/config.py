@@ -65,7 +65,6 @@ class GLMConfig:
     use_past: bool = True
     use_flash_attention: bool = False
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
-    name_or_path: str = ""
 
     def __post_init__(self):
         for key, value in FAMILY_NETWORK.get(self.family, {}).items():
@@ -208,7 +207,7 @@ def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
         raise ConfigError(f"{source}: quantization_bit={raw['quantization_bit']} checkpoints are not "
                           "supported: convert the unquantized weights")
     family = detect_family(raw)
-    values: dict[str, Any] = {"family": family, "name_or_path": str(raw.get("_name_or_path", ""))}
+    values: dict[str, Any] = {"family": family}
     known = {f.name for f in dataclasses.fields(GLMConfig)}
     for key, value in raw.items():
         if key in _THUDM_IGNORED:
@@ -246,7 +245,6 @@ _FIELD_TYPES = {
     "pad_token_id": (int, type(None)), "mask_token_id": (int, type(None)),
     "gmask_token_id": (int, type(None)), "compute_dtype": str, "param_dtype": str,
     "use_past": bool, "use_flash_attention": bool, "prefill_buckets": list,
-    "name_or_path": str,
 }
 
 

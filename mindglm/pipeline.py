@@ -1,6 +1,6 @@
 """load_model(): config + weights -> a model ready to score, generate and chat.
 
-    model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype="float32")
+    model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype=None)
     model.logits(input_ids)                       # float32 [batch, seq, vocab], no cache
     model.generate(input_ids, max_new_tokens=16)  # [batch, seq + new]
 """
@@ -14,11 +14,13 @@ import numpy as np
 from mindspore import Tensor
 
 from mindglm import chat
-from mindglm.config import ConfigError, GLMConfig
+from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.generation.config import GenerationConfig
 from mindglm.generation.decode import decode_steps, generate
 from mindglm.generation.runners import CachedRunner, FullForwardRunner, SequenceState, full_forward
+from mindglm.io.weights import iter_mindglm_tensors
 from mindglm.models import family_module
+from mindglm.yaml_config import RunConfig, load_run_config
 
 
 class GLMModel:
@@ -149,11 +151,6 @@ class GLMModel:
 
 
 # ---------------------------------------------------------------------------------- loading
-def build_network(config: GLMConfig):
-    """The family's network with zero weights."""
-    return family_module(config).build_network(config)
-
-
 def load_weights(network, tensors, source: str) -> None:
     """Copy (name, array) pairs into the network's parameters; names and shapes must all match."""
     params = {p.name: p for p in network.get_parameters() if ".cache." not in p.name}
@@ -175,12 +172,6 @@ def load_weights(network, tensors, source: str) -> None:
                           "it is incomplete or for another model")
 
 
-def _weights_of(path: str, config: GLMConfig):
-    """(name, array) pairs in mindglm names from a THUDM dir or a .ckpt (mindglm/MindFormers names)."""
-    from mindglm.io.weights import iter_mindglm_tensors
-    return iter_mindglm_tensors(path, config)
-
-
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None) -> GLMModel:
     """Build `config`'s network and load weights from `source`: a .ckpt (mindglm or MindFormers
     names) or a THUDM dir — whose single converted .ckpt wins over converting on the fly."""
@@ -194,19 +185,25 @@ def build_model(config: GLMConfig, source: Optional[str], generation: Optional[G
         ckpts = sorted(glob.glob(os.path.join(source, "*.ckpt")))
         if len(ckpts) == 1:
             source = ckpts[0]
-    network = build_network(config)
-    load_weights(network, _weights_of(source, config), source)
+    network = family_module(config).build_network(config)
+    load_weights(network, iter_mindglm_tensors(source, config), source)
     return GLMModel(config, network, generation)
 
 
-def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
+def load_run_model(run: RunConfig) -> GLMModel:
+    """The model of a YAML run config: its network, its checkpoint, its generation defaults."""
+    return build_model(run.model, run.require_checkpoint(), run.generation)
+
+
+def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
                use_past: Optional[bool] = None) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
     unless `checkpoint` or a single .ckpt in the dir is given), or a YAML config (its `checkpoint`).
     checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
-    dtype: compute and parameter dtype (None keeps the config's); use_past: the KV-cache path.
+    dtype: compute and parameter dtype; None (the default) keeps the config's (a YAML's
+    model_config, or float32 for a THUDM dir); use_past: the KV-cache path.
     """
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
@@ -215,14 +212,13 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
-        from mindglm.yaml_config import load_run_config
         run = load_run_config(path)
         config, weights, generation = run.model, run.checkpoint, run.generation
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype {dtype!r}: expected float32, float16 or bfloat16")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past

@@ -235,10 +235,8 @@ class ChatGLMTokenizer(GLMTokenizer):
         self.special_tokens["<eos>"] = self.special_tokens["<eop>"]
         self.mask_token_id = self.special_tokens["[MASK]"]
         self.gmask_token_id = self.special_tokens["[gMASK]"]
-        self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.bos_token_id = self.special_tokens["<sop>"]
         self.eos_token_id = self.special_tokens["<eop>"]
-        self.end_token_id = self.special_tokens["</s>"]
         self.pad_token_id = self.special_tokens["<pad>"]
         self.unk_token_id = self.special_tokens["<unk>"]
         self._blank_tokens = {n: f"<|blank_{n}|>" for n in range(2, max_blank_length + 1)}
@@ -337,9 +335,7 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         self.special_tokens.update({"<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(), "<pad>": self.sp.unk_id()})
         self.mask_token_id = self.special_tokens["[MASK]"]
         self.gmask_token_id = self.special_tokens["[gMASK]"]
-        self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.special_tokens["sop"]
-        self.eop_token_id = self.special_tokens["eop"]
         self.eos_token_id = self.sp.eos_id()
         self.pad_token_id = self.unk_token_id = self.sp.unk_id()
         # Ids the reference decodes to "" (<s>, </s>, <unk>/<pad>).

@@ -29,7 +29,8 @@ from that config.json and `model.model_config` only overrides them.
 
     run = load_run_config("configs/glm3/chatglm3_6b.yaml", ["generation.top_p=0.5"])
     apply_context(run.context)          # mindspore.set_device / set_context
-    model, tokenizer = run.build_model(), run.load_tokenizer()
+    tokenizer = run.load_tokenizer()
+    model = mindglm.pipeline.load_run_model(run)  # building belongs to pipeline; this module only reads
 """
 from __future__ import annotations
 
@@ -121,11 +122,6 @@ class RunConfig:
                               "tokenizer.model / ice_text.model (or its THUDM dir), e.g. "
                               "--set processor.tokenizer=/path/to/chatglm3-6b")
         return load_tokenizer(self.tokenizer, family=self.family)
-
-    def build_model(self):
-        """Build the network and load the checkpoint: a `GLMModel` with this run's generation defaults."""
-        from mindglm.pipeline import build_model
-        return build_model(self.model, self.require_checkpoint(), self.generation)
 
 
 # ---------------------------------------------------------------------------------- YAML reading

@@ -94,3 +94,17 @@ def test_prompt_longer_than_the_context_with_truncation_names_only_the_query():
         model.chat(tokenizer, "长" * 600, [], **settings)
     response, history = model.chat(tokenizer, "你好", [], truncate_history=True, **settings)
     assert isinstance(response, str) and len(history) == 2
+
+
+def test_load_model_keeps_the_yaml_dtype_unless_one_is_passed(tmp_path, monkeypatch):
+    import mindglm.pipeline as pipeline
+    source = os.path.join(ROOT, "configs", "tiny", "chatglm3_e2e.yaml")
+    text = open(source, encoding="utf-8").read().replace("compute_dtype: float32", "compute_dtype: float16")
+    text = text.replace("../../tests", os.path.join(ROOT, "tests"))
+    yaml_path = tmp_path / "fp16.yaml"
+    yaml_path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(pipeline, "build_model", lambda config, source, generation: config)
+    assert mindglm.load_model(str(yaml_path)).compute_dtype == "float16"
+    assert mindglm.load_model(str(yaml_path), dtype="float32").compute_dtype == "float32"
+    with pytest.raises(ConfigError, match="dtype 'fp8': expected one of float32, float16, bfloat16"):
+        mindglm.load_model(str(yaml_path), dtype="fp8")

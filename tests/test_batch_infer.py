@@ -282,7 +282,7 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, ca
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     built = []
-    monkeypatch.setattr("mindglm.yaml_config.RunConfig.build_model", lambda self: built.append(1))
+    monkeypatch.setattr("mindglm.pipeline.load_run_model", lambda run: built.append(1))
     code = batch_infer.main(["--config", TINY["chatglm3"], "--input", args[0], "--output", args[1], *args[2:]])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and err.count("\n") == 1, err

@@ -384,7 +384,8 @@ def main(argv=None) -> int:
             return 0
         apply_context(run.context)
         run.require_checkpoint()
-        model = run.build_model()
+        from mindglm.pipeline import load_run_model
+        model = load_run_model(run)
     except (ConfigError, CheckpointError, ChatError, BatchError) as exc:
         print(f"batch_infer.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -74,8 +74,9 @@ def random_weights(config, seed: int) -> dict:
 
 
 def build_mindglm(config, weights):
-    from mindglm.pipeline import GLMModel, build_network, load_weights
-    network = build_network(config)
+    from mindglm.models import family_module
+    from mindglm.pipeline import GLMModel, load_weights
+    network = family_module(config).build_network(config)
     load_weights(network, weights.items(), "random")
     return GLMModel(config, network)
 
