@@ -29,6 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mindglm.config import ConfigError
+from mindglm.positions import PREFER_MASK, glm_2d_positions, left_pad, positions_from_padding
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
@@ -150,7 +151,8 @@ class GLMTokenizer:
     def _decode(self, ids: Iterable[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
+    def _position_ids(self, sequences: Sequence[Sequence[int]], attention_mask: np.ndarray) -> np.ndarray:
+        """Position ids of the left-padded batch of `sequences` (0 on padding)."""
         raise NotImplementedError
 
     def batch_encode(self, texts: Sequence[str], pad_to_multiple_of: Optional[int] = None,
@@ -184,17 +186,8 @@ class GLMTokenizer:
             target = pad_to_length
         if pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        batch = len(sequences)
-        input_ids = np.full((batch, target), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((batch, target), dtype=np.int64)
-        first = self._position_ids([])
-        position_ids = np.zeros((batch,) + first.shape[:-1] + (target,), dtype=np.int64)
-        for row, (seq, length) in enumerate(zip(sequences, lengths)):
-            if length == 0:
-                continue
-            input_ids[row, target - length:] = seq
-            attention_mask[row, target - length:] = 1
-            position_ids[row, ..., target - length:] = self._position_ids(seq)
+        input_ids, attention_mask = left_pad(sequences, self.pad_token_id, target)
+        position_ids = self._position_ids(sequences, attention_mask)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
     def __repr__(self) -> str:
@@ -296,20 +289,15 @@ class ChatGLMTokenizer(GLMTokenizer):
             text = self._decode_pattern.sub(lambda m: self._decode_map.get(m.group(), m.group()), text)
         return text
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
-        # GLM 2D positions as THUDM's `_pad` builds them: before `<sop>` the token index; from `<sop>`
-        # on, the index of the mask token ([MASK] if present, else [gMASK]); block positions are
-        # 0 before `<sop>` and 1, 2, ... from it.
-        ids = list(ids)
-        length = len(ids)
-        context_length = ids.index(self.sop_token_id) if self.sop_token_id in ids else length
-        positions = np.arange(length, dtype=np.int64)
-        mask_id = self.mask_token_id if self.mask_token_id in ids else self.gmask_token_id
-        if mask_id in ids:
-            positions[context_length:] = ids.index(mask_id)
-        block_positions = np.zeros(length, dtype=np.int64)
-        block_positions[context_length:] = np.arange(1, length - context_length + 1)
-        return np.stack([positions, block_positions])
+    def _position_ids(self, sequences, attention_mask) -> np.ndarray:
+        # As THUDM's tokenizer `_pad` builds them: [MASK] decides when a prompt holds both mask tokens
+        # (the model itself prefers [gMASK]: see mindglm.positions).
+        positions = np.zeros((len(sequences), 2, attention_mask.shape[1]), np.int64)
+        for row, seq in enumerate(sequences):
+            if len(seq):
+                positions[row, :, -len(seq):] = glm_2d_positions(
+                    seq, self.sop_token_id, self.mask_token_id, self.gmask_token_id, PREFER_MASK)[0]
+        return positions
 
 
 class ChatGLM2Tokenizer(GLMTokenizer):
@@ -370,8 +358,8 @@ class ChatGLM2Tokenizer(GLMTokenizer):
                 pieces.append(self.sp.id_to_piece(i))
         return self.sp.decode_pieces(pieces)
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
-        return np.arange(len(ids), dtype=np.int64)
+    def _position_ids(self, sequences, attention_mask) -> np.ndarray:
+        return positions_from_padding(attention_mask)
 
 
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):

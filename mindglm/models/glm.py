@@ -24,6 +24,7 @@ import math
 import numpy as np
 from mindspore import nn, ops
 
+from mindglm.positions import PREFER_GMASK, glm_2d_positions
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
 from mindglm.models.layers import (Linear, Rotary, SelfAttention, ms_dtype, norm_factory, rotary_angle_table,
                                    rotary_frequencies, rotate_half_matrix)
@@ -84,9 +85,8 @@ def build_network(config) -> GLMTransformer:
 def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, position_ids=None):
     """2D position ids [batch, 2, seq] and context (prefix) lengths [batch], from the ids.
 
-    For each row (after its left padding): the context ends at `<sop>` (bos_token_id); positions
-    count 0..n-1 over the context and stay at the mask token's index afterwards ([gMASK] if the
-    row has one, else [MASK]); block positions are 0 over the context, then 1, 2, 3, ...
+    For each row (after its left padding), `mindglm.positions.glm_2d_positions` with [gMASK]
+    deciding when both mask tokens are present, as THUDM's modeling does.
     The prefix length returned is in slot units (padding included), so the mask can compare
     key slots with it directly.
     """
@@ -98,17 +98,8 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
     prefix_lengths = np.zeros((batch,), np.int64)
     for row in range(batch):
         start = int(np.argmax(attention_mask[row] > 0)) if attention_mask[row].any() else seq
-        tokens = [int(t) for t in input_ids[row, start:]]
-        length = len(tokens)
-        context = tokens.index(config.bos_token_id) if config.bos_token_id in tokens else length
-        position = np.arange(length)
-        block = np.zeros(length, np.int64)
-        for mask_id in (config.gmask_token_id, config.mask_token_id):
-            if mask_id in tokens:
-                position[context:] = tokens.index(mask_id)
-                break
-        block[context:] = np.arange(1, length - context + 1)
-        positions[row, 0, start:] = position
-        positions[row, 1, start:] = block
+        # THUDM's modeling prefers [gMASK] when both mask tokens are present (its tokenizer does not)
+        positions[row, :, start:], context = glm_2d_positions(
+            input_ids[row, start:], config.bos_token_id, config.mask_token_id, config.gmask_token_id, PREFER_GMASK)
         prefix_lengths[row] = start + context
     return (positions if explicit is None else explicit), prefix_lengths

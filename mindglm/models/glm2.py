@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import nn, ops
 
+from mindglm.positions import positions_from_padding
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
 from mindglm.models.layers import (Linear, Rotary, SelfAttention, default_query_scale, ms_dtype, norm_factory,
                                    rotary_angle_table, rotary_frequencies, rotate_interleaved_matrix)
@@ -71,6 +72,6 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
         if attention_mask is None:
             position_ids = np.broadcast_to(np.arange(seq), (batch, seq))
         else:
-            position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+            position_ids = positions_from_padding(attention_mask)
     position_ids = np.asarray(position_ids, np.int64).reshape(batch, 1, seq)
     return position_ids, np.zeros((batch,), np.int64)
