@@ -1,18 +1,26 @@
-# `make test` builds .venv once (idempotent: a stamp file records the install) and runs pytest.
+# `make chat` / `make test` build .venv once (idempotent: a stamp file records the install), then
+# start the demo chat / run the tests.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: test venv reference bench clean
+.PHONY: chat test venv reference bench clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.py
+	@echo "[1/3] creating $(VENV) with $(PYTHON)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@echo "[2/3] upgrading pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "[3/3] installing mindspore, numpy, sentencepiece, pyyaml, safetensors, pytest (about a minute)"
+	@$(PY) -m pip install --progress-bar on -e '.[test]'
+	@touch $(STAMP) && echo "ready: $(PY)"
+
+# The bundled tiny demo model (random weights): shows that the chat works on a fresh clone.
+chat: $(STAMP)
+	$(PY) run_chat.py
 
 # Optional oracles (PyTorch CPU build + transformers) for the comparison tests; CI installs them.
 reference: $(VENV)/.reference

@@ -34,6 +34,11 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only (it warns about e
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mindglm.requirements import require_packages  # noqa: E402
+
+if __name__ == "__main__":
+    require_packages(__file__)
+
 from mindglm.chat import stable_text, system_messages  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
@@ -324,7 +329,8 @@ def main(argv=None) -> int:
         run.require_checkpoint()
         tokenizer = run.load_tokenizer()
         apply_context(run.context)
-        model = run.build_model()
+        from mindglm.pipeline import load_run_model
+        model = load_run_model(run)
     except (ConfigError, CheckpointError, ChatError, UsageError) as exc:
         message = " ".join(str(exc).split())
         print(f"run_chat.py: error: {message}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Command line: `python -m ckpt_convert --help`."""
 import argparse
+import errno
 import re
+import signal
 import sys
 
 from ckpt_convert.convert import DEFAULT_SHARD_BYTES, convert, convert_to_hf
@@ -42,21 +44,49 @@ def _progress(index, total, name, array):
           file=sys.stderr, flush=True)
 
 
+# Write errors the user fixes by choosing another --dst (or making room), not by fixing the source.
+_DST_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space there or pass a --dst on another disk",
+    errno.EDQUOT: "the disk quota is exceeded: free space there or pass a --dst on another disk",
+    errno.EROFS: "that file system is read-only: pass a --dst in a writable directory",
+    errno.EACCES: "permission denied: pass a --dst in a directory you can write to",
+    errno.EPERM: "permission denied: pass a --dst in a directory you can write to",
+}
+
+
+def _describe(exc: OSError, dst: str) -> str:
+    """The message for an OSError: a write failure names --dst and the fix."""
+    on_dst = exc.filename is None or str(exc.filename).startswith(dst)
+    if exc.errno in _DST_ERRORS and on_dst:
+        return f"cannot write --dst {dst}: {_DST_ERRORS[exc.errno]} ({exc.strerror})"
+    return str(exc)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the writers remove their .tmp files
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = None if args.quiet else _progress
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.to_hf:
             stats = convert_to_hf(args.src, args.dst, config=args.config, dtype=args.dtype,
                                   max_shard_bytes=args.max_shard_size, progress=progress)
         else:
             stats = convert(args.src, args.dst, dtype=args.dtype, config=args.config, progress=progress)
-    except (CheckpointError, ConfigError, OSError) as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"ckpt_convert: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"ckpt_convert: error: {_describe(exc, args.dst)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ckpt_convert: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     seconds = max(stats["seconds"], 1e-9)
     print(f"wrote {args.dst}: {stats['tensors']} tensors, {stats['bytes'] / 1e9:.3f} GB in {seconds:.1f} s "
           f"({stats['bytes'] / 1e6 / seconds:.0f} MB/s)")

@@ -17,6 +17,7 @@ from mindglm.io.ms_ckpt import CkptWriter
 from mindglm.io.safetensors_io import split_shards, write_safetensors
 from mindglm.io.tensors import DTYPES, parse_dtype
 from mindglm.io.weights import ConfigArg, Progress, _Conversion
+from mindglm.tokenization import TOKENIZER_FILES
 
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -51,7 +52,9 @@ def convert_to_hf(src: str, dst_dir: str, config: ConfigArg = None, dtype: Optio
     """Write a checkpoint (normally a mindglm .ckpt) as THUDM-named safetensors shards in `dst_dir`.
 
     Produces model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
-    plus a copy of the config.json used (`config` as a path, or the one next to `src`).
+    plus a copy of the config.json used (`config` as a path, or the one next to `src`; without
+    one it refuses, since a THUDM directory cannot load without it) and of the tokenizer files
+    found next to `src` or the config (so the directory is complete for transformers and mindglm).
     ChatGLM-6B needs the config (its qkv layout); for ChatGLM2/3 it is optional and, when given,
     checks every shape. v1's tied lm_head.weight is not written (THUDM's model ties it on load).
     Files go to `dst_dir + '.tmp'` and move into `dst_dir` only when all of them are complete.
@@ -63,6 +66,9 @@ def convert_to_hf(src: str, dst_dir: str, config: ConfigArg = None, dtype: Optio
     if cfg is None and plan.family == "chatglm":
         raise CheckpointError("a ChatGLM-6B checkpoint needs --config (its config.json) to write THUDM's "
                               "per-head qkv layout")
+    if conversion.config_path is None:
+        raise CheckpointError(f"no config.json next to {src}: a THUDM model directory needs one to load; pass "
+                              "--config with the model's THUDM config.json (or its directory)")
     first = {t.name: conversion.tensors[t.pieces[0].source] for t in plan.targets}
     specs = [(thudm_name(t.name, plan.family), t.shape,
               dtype if dtype and first[t.name].dtype.is_float else first[t.name].dtype.name)
@@ -92,8 +98,9 @@ def convert_to_hf(src: str, dst_dir: str, config: ConfigArg = None, dtype: Optio
             weight_map = {spec[0]: shard_name for shard_name, shard in zip(names, shards) for spec in shard}
             with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
                 json.dump({"metadata": {"total_size": out_bytes}, "weight_map": weight_map}, fh, indent=2)
-        if conversion.config_path:
-            shutil.copyfile(conversion.config_path, os.path.join(tmp_dir, "config.json"))
+        shutil.copyfile(conversion.config_path, os.path.join(tmp_dir, "config.json"))
+        for name in _tokenizer_files(src, conversion.config_path):
+            shutil.copyfile(name, os.path.join(tmp_dir, os.path.basename(name)))
         os.makedirs(dst_dir, exist_ok=True)
         for name in os.listdir(tmp_dir):
             os.replace(os.path.join(tmp_dir, name), os.path.join(dst_dir, name))
@@ -101,3 +108,19 @@ def convert_to_hf(src: str, dst_dir: str, config: ConfigArg = None, dtype: Optio
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return {"tensors": len(specs), "bytes": out_bytes, "shards": len(shards),
             "seconds": time.perf_counter() - start}
+
+
+# What a THUDM model directory holds besides weights and config.json.
+_TOKENIZER_NAMES = tuple(sorted(set(TOKENIZER_FILES.values()))) + ("tokenizer_config.json",)
+
+
+def _tokenizer_files(src: str, config_path: str) -> list:
+    """Tokenizer files beside `src` (first) or beside its config.json, one of each name."""
+    found = {}
+    for folder in (src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)),
+                   os.path.dirname(os.path.abspath(config_path))):
+        for name in _TOKENIZER_NAMES:
+            path = os.path.join(folder, name)
+            if name not in found and os.path.isfile(path):
+                found[name] = path
+    return list(found.values())

@@ -115,7 +115,7 @@ def check_shape(name: str, shape, expected, config: GLMConfig, config_source: st
     what = f"tensor '{name}'" + (f" (mindglm '{target}')" if target and target != name else "")
     raise CheckpointError(
         f"{what} has shape {shape} but {config_source} expects {expected} "
-        f"({_config_summary(config)}): is that config.json the one that belongs to these weights?")
+        f"({_config_summary(config)}): do {config_source} and these weights belong to the same model?")
 
 
 # ---------------------------------------------------------------------------------- name tables
@@ -317,13 +317,13 @@ def to_mindglm(name: str, array: np.ndarray, config: GLMConfig, source: Optional
     return [(piece.target, _transform(piece, array, config))]
 
 
-def _unexpected(piece: Piece, config: GLMConfig) -> CheckpointError:
+def _unexpected(piece: Piece, config: GLMConfig, config_source: str = "config.json") -> CheckpointError:
     layer = re.match(r"layers\.(\d+)\.", piece.target)
     if layer and int(layer.group(1)) >= config.num_layers:
-        return CheckpointError(f"tensor '{piece.source}' belongs to layer {layer.group(1)} but config.json "
+        return CheckpointError(f"tensor '{piece.source}' belongs to layer {layer.group(1)} but {config_source} "
                                f"has num_layers={config.num_layers}")
     return CheckpointError(f"tensor '{piece.source}' ('{piece.target}') has no place in a network with "
-                           f"this config.json ({_config_summary(config)}, add_bias_linear="
+                           f"{config_source} ({_config_summary(config)}, add_bias_linear="
                            f"{config.add_bias_linear}, tie_word_embeddings={config.tie_word_embeddings})")
 
 
@@ -377,7 +377,7 @@ def plan_to_mindglm(shapes: dict, config: Optional[GLMConfig], source: Optional[
         target.pieces.append(piece)
         if expected is not None:
             if piece.target not in expected:
-                raise _unexpected(piece, config)
+                raise _unexpected(piece, config, config_source)
             want = expected[piece.target]
             if piece.kind == "part":
                 want = (_part_rows(piece.target, piece.parts, config)[piece.part],) + want[1:]

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+# What THUDM's modeling files build per family (their config.json leave these out for ChatGLM-6B).
+_V2_NETWORK = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
+               "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
+FAMILY_NETWORK = {
+    "chatglm": {"rmsnorm": False, "add_bias_linear": True, "post_layer_norm": True,
+                "apply_residual_connection_post_layernorm": True, "tie_word_embeddings": True},
+    "chatglm2": _V2_NETWORK, "chatglm3": _V2_NETWORK,
+}
 ROPE_SCALINGS = ("position", "base")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -34,12 +42,13 @@ class GLMConfig:
     ffn_hidden_size: int = 13696
     seq_length: int = 32768
     layernorm_epsilon: float = 1e-5
-    rmsnorm: bool = True
+    # Network switches, honoured by the builders; None takes the family's value (FAMILY_NETWORK).
+    rmsnorm: Optional[bool] = None
     add_qkv_bias: bool = True
-    add_bias_linear: bool = False
-    post_layer_norm: bool = True
-    apply_residual_connection_post_layernorm: bool = False
-    tie_word_embeddings: bool = False
+    add_bias_linear: Optional[bool] = None
+    post_layer_norm: Optional[bool] = None
+    apply_residual_connection_post_layernorm: Optional[bool] = None
+    tie_word_embeddings: Optional[bool] = None
     rotary_base: float = 10000.0
     rope_ratio: float = 1.0
     # How rope_ratio stretches the context: "position" divides positions (chatglm2-6b-32k),
@@ -56,9 +65,11 @@ class GLMConfig:
     use_past: bool = True
     use_flash_attention: bool = False
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
-    name_or_path: str = ""
 
     def __post_init__(self):
+        for key, value in FAMILY_NETWORK.get(self.family, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -97,10 +108,10 @@ class GLMConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self):
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name], "GLMConfig")
         if self.family not in FAMILIES:
             raise ConfigError(f"config key 'family' is {self.family!r}; expected one of {FAMILIES}")
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name], "GLMConfig")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
             raise ConfigError(
                 f"config key 'rope_scaling' is {self.rope_scaling!r}; expected one of {ROPE_SCALINGS}")
@@ -114,6 +125,9 @@ class GLMConfig:
         if self.family == "chatglm" and self.multi_query_group_num != self.num_attention_heads:
             raise ConfigError("ChatGLM-6B has one key/value head per query head: set "
                               "multi_query_group_num equal to num_attention_heads")
+        if self.family == "chatglm" and not self.apply_residual_connection_post_layernorm:
+            raise ConfigError("ChatGLM-6B always takes its residuals from the norm outputs (scaled by "
+                              "sqrt(2 * 28)): set apply_residual_connection_post_layernorm to true, or leave it out")
         if self.family == "chatglm":
             for key in ("bos_token_id", "mask_token_id", "gmask_token_id"):
                 if getattr(self, key) is None:
@@ -193,7 +207,7 @@ def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
         raise ConfigError(f"{source}: quantization_bit={raw['quantization_bit']} checkpoints are not "
                           "supported: convert the unquantized weights")
     family = detect_family(raw)
-    values: dict[str, Any] = {"family": family, "name_or_path": str(raw.get("_name_or_path", ""))}
+    values: dict[str, Any] = {"family": family}
     known = {f.name for f in dataclasses.fields(GLMConfig)}
     for key, value in raw.items():
         if key in _THUDM_IGNORED:
@@ -211,8 +225,6 @@ def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
         heads = values.get("num_attention_heads", 32)
         values.setdefault("kv_channels", values.get("hidden_size", 4096) // heads)
         values["multi_query_group_num"] = heads
-        values.update(rmsnorm=False, add_qkv_bias=True, add_bias_linear=True, post_layer_norm=True,
-                      tie_word_embeddings=True)
     else:
         values.setdefault("bos_token_id", None)
     if isinstance(values.get("rope_ratio"), int):
@@ -233,7 +245,6 @@ _FIELD_TYPES = {
     "pad_token_id": (int, type(None)), "mask_token_id": (int, type(None)),
     "gmask_token_id": (int, type(None)), "compute_dtype": str, "param_dtype": str,
     "use_past": bool, "use_flash_attention": bool, "prefill_buckets": list,
-    "name_or_path": str,
 }
 
 

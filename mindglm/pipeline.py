@@ -1,6 +1,6 @@
 """load_model(): config + weights -> a model ready to score, generate and chat.
 
-    model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype="float32")
+    model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype=None)
     model.logits(input_ids)                       # float32 [batch, seq, vocab], no cache
     model.generate(input_ids, max_new_tokens=16)  # [batch, seq + new], through model.engine
 """
@@ -14,11 +14,13 @@ import numpy as np
 from mindspore import Tensor
 
 from mindglm import chat
-from mindglm.config import ConfigError, GLMConfig
+from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
 from mindglm.engine.model_runner import int_tensor
 from mindglm.generation.config import GenerationConfig
+from mindglm.io.weights import iter_mindglm_tensors
 from mindglm.models import family_module
+from mindglm.yaml_config import RunConfig, load_run_config
 
 
 class GLMModel:
@@ -185,9 +187,11 @@ class GLMModel:
                 return prompt, history
             shorter = chat.drop_oldest_turn(family, history) if truncate_history else None
             if shorter is None:
+                # with truncate_history the history is already gone: only the query can shrink
+                fix = "shorten the query" if truncate_history else \
+                    "clear the history, shorten the query, or pass truncate_history=True"
                 raise chat.ChatError(
-                    f"the prompt is {len(prompt)} tokens, the model's context is {self.max_model_len}: "
-                    "clear the history, shorten the query, or pass truncate_history=True")
+                    f"the prompt is {len(prompt)} tokens, the model's context is {self.max_model_len}: {fix}")
             history = shorter
 
 
@@ -208,11 +212,6 @@ def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- loading
-def build_network(config: GLMConfig):
-    """The family's network with zero weights."""
-    return family_module(config).build_network(config)
-
-
 def load_weights(network, tensors, source: str) -> None:
     """Copy (name, array) pairs into the network's parameters; names and shapes must all match."""
     params = {p.name: p for p in network.get_parameters() if ".cache." not in p.name}
@@ -229,14 +228,9 @@ def load_weights(network, tensors, source: str) -> None:
         seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:
-        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; "
+        listed = ", ".join(f"'{name}'" for name in missing[:3]) + (" and others" if len(missing) > 3 else "")
+        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s) ({listed}); "
                           "it is incomplete or for another model")
-
-
-def _weights_of(path: str, config: GLMConfig):
-    """(name, array) pairs in mindglm names from a THUDM dir or a .ckpt (mindglm/MindFormers names)."""
-    from mindglm.io.weights import iter_mindglm_tensors
-    return iter_mindglm_tensors(path, config)
 
 
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
@@ -253,35 +247,40 @@ def build_model(config: GLMConfig, source: Optional[str], generation: Optional[G
         ckpts = sorted(glob.glob(os.path.join(source, "*.ckpt")))
         if len(ckpts) == 1:
             source = ckpts[0]
-    network = build_network(config)
-    load_weights(network, _weights_of(source, config), source)
+    network = family_module(config).build_network(config)
+    load_weights(network, iter_mindglm_tensors(source, config), source)
     return GLMModel(config, network, generation, engine)
 
 
-def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
+def load_run_model(run: RunConfig) -> GLMModel:
+    """The model of a YAML run config: its network, its checkpoint, its generation defaults."""
+    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine)
+
+
+def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
                use_past: Optional[bool] = None) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
     unless `checkpoint` or a single .ckpt in the dir is given), or a YAML config (its `checkpoint`).
     checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
-    dtype: compute and parameter dtype (None keeps the config's); use_past: the KV-cache path.
+    dtype: compute and parameter dtype; None (the default) keeps the config's (a YAML's
+    model_config, or float32 for a THUDM dir); use_past: the KV-cache path.
     """
     if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: pass a THUDM model directory (config.json + weights) "
+        raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
     generation = engine = None
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
-        from mindglm.yaml_config import load_run_config
         run = load_run_config(path)
         config, weights, generation, engine = run.model, run.checkpoint, run.generation, run.engine
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype {dtype!r}: expected float32, float16 or bfloat16")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past

@@ -29,9 +29,23 @@ import numpy as np
 import sentencepiece as spm
 
 from mindglm.config import ConfigError
+from mindglm.positions import PREFER_MASK, glm_2d_positions, left_pad, positions_from_padding
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
+
+
+# transformers' `clean_up_tokenization` (tokenization_utils_base.py), in its order: what `decode()`
+# does to a text when `clean_up_tokenization_spaces` is on.
+_CLEAN_UP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Remove the space before punctuation and English contractions, as transformers does."""
+    for before, after in _CLEAN_UP_REPLACEMENTS:
+        text = text.replace(before, after)
+    return text
 
 
 class TokenizerError(ConfigError):
@@ -45,6 +59,9 @@ def _load_sentencepiece(vocab_file: str) -> spm.SentencePieceProcessor:
                              "or the path of its ice_text.model (ChatGLM-6B) / tokenizer.model (ChatGLM2/3)")
     with open(vocab_file, "rb") as handle:
         head = handle.read(64)
+    if not head:
+        raise TokenizerError(f"{vocab_file!r} is an empty file, not a sentencepiece model: re-download "
+                             "ice_text.model / tokenizer.model from the THUDM model repository")
     if head.startswith(b"version https://git-lfs"):
         raise TokenizerError(f"{vocab_file!r} is a git-lfs pointer, not the tokenizer itself: "
                              "run `git lfs pull` in the model repository or download the real file")
@@ -60,10 +77,13 @@ def _load_sentencepiece(vocab_file: str) -> spm.SentencePieceProcessor:
 class GLMTokenizer:
     """What the three families share: sentencepiece loading, id lookups, batching with left padding.
 
-    Subclasses define `encode`, `decode`, `special_tokens` (name -> id) and `_position_ids`.
+    Subclasses define `encode`, `_decode`, `special_tokens` (name -> id) and `_position_ids`.
     """
 
     family = ""
+    # THUDM's ChatGLM-6B tokenizer runs under transformers' default clean_up_tokenization_spaces=True
+    # (it pins transformers 4.27); ChatGLM2/3's tokenizer_config.json sets it to False.
+    CLEAN_UP_TOKENIZATION_SPACES = False
     _id_offset = 0  # ChatGLM-6B's num_image_tokens
     _appended_names: dict = {}  # ChatGLM2/3: special ids numbered after the sentencepiece pieces
 
@@ -116,11 +136,23 @@ class GLMTokenizer:
         """Ids of `text` alone, without special tokens (what the chat templates concatenate)."""
         return self.encode(text, add_special_tokens=False)
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`, as the reference tokenizer's `decode` returns it."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: Optional[bool] = None) -> str:
+        """Text of `ids`, as the reference tokenizer's `decode` returns it.
+
+        clean_up_tokenization_spaces: None takes the family's reference setting (ChatGLM-6B on,
+        ChatGLM2/3 off); on, " ." " ," " !" " ?" " 's" " n't" ... lose their space.
+        """
+        text = self._decode(ids, skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.CLEAN_UP_TOKENIZATION_SPACES
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
+    def _position_ids(self, sequences: Sequence[Sequence[int]], attention_mask: np.ndarray) -> np.ndarray:
+        """Position ids of the left-padded batch of `sequences` (0 on padding)."""
         raise NotImplementedError
 
     def batch_encode(self, texts: Sequence[str], pad_to_multiple_of: Optional[int] = None,
@@ -154,17 +186,8 @@ class GLMTokenizer:
             target = pad_to_length
         if pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        batch = len(sequences)
-        input_ids = np.full((batch, target), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((batch, target), dtype=np.int64)
-        first = self._position_ids([])
-        position_ids = np.zeros((batch,) + first.shape[:-1] + (target,), dtype=np.int64)
-        for row, (seq, length) in enumerate(zip(sequences, lengths)):
-            if length == 0:
-                continue
-            input_ids[row, target - length:] = seq
-            attention_mask[row, target - length:] = 1
-            position_ids[row, ..., target - length:] = self._position_ids(seq)
+        input_ids, attention_mask = left_pad(sequences, self.pad_token_id, target)
+        position_ids = self._position_ids(sequences, attention_mask)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
     def __repr__(self) -> str:
@@ -180,6 +203,7 @@ class ChatGLMTokenizer(GLMTokenizer):
     """
 
     family = "chatglm"
+    CLEAN_UP_TOKENIZATION_SPACES = True
     CONTROL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
     NAMED_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
     LINEBREAK = "<n>"
@@ -204,10 +228,8 @@ class ChatGLMTokenizer(GLMTokenizer):
         self.special_tokens["<eos>"] = self.special_tokens["<eop>"]
         self.mask_token_id = self.special_tokens["[MASK]"]
         self.gmask_token_id = self.special_tokens["[gMASK]"]
-        self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.bos_token_id = self.special_tokens["<sop>"]
         self.eos_token_id = self.special_tokens["<eop>"]
-        self.end_token_id = self.special_tokens["</s>"]
         self.pad_token_id = self.special_tokens["<pad>"]
         self.unk_token_id = self.special_tokens["<unk>"]
         self._blank_tokens = {n: f"<|blank_{n}|>" for n in range(2, max_blank_length + 1)}
@@ -255,7 +277,7 @@ class ChatGLMTokenizer(GLMTokenizer):
             ids += [self.gmask_token_id, self.sop_token_id]
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Control pieces (`[gMASK]`, `<sop>`, `<eop>`, ...) decode to nothing either way;
         `<pad>` ids are removed as in the reference; ids outside the vocabulary are ignored;
         `skip_special_tokens=True` also drops `<unk>` (otherwise shown as ` ⁇ `)."""
@@ -267,20 +289,15 @@ class ChatGLMTokenizer(GLMTokenizer):
             text = self._decode_pattern.sub(lambda m: self._decode_map.get(m.group(), m.group()), text)
         return text
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
-        # GLM 2D positions as THUDM's `_pad` builds them: before `<sop>` the token index; from `<sop>`
-        # on, the index of the mask token ([MASK] if present, else [gMASK]); block positions are
-        # 0 before `<sop>` and 1, 2, ... from it.
-        ids = list(ids)
-        length = len(ids)
-        context_length = ids.index(self.sop_token_id) if self.sop_token_id in ids else length
-        positions = np.arange(length, dtype=np.int64)
-        mask_id = self.mask_token_id if self.mask_token_id in ids else self.gmask_token_id
-        if mask_id in ids:
-            positions[context_length:] = ids.index(mask_id)
-        block_positions = np.zeros(length, dtype=np.int64)
-        block_positions[context_length:] = np.arange(1, length - context_length + 1)
-        return np.stack([positions, block_positions])
+    def _position_ids(self, sequences, attention_mask) -> np.ndarray:
+        # As THUDM's tokenizer `_pad` builds them: [MASK] decides when a prompt holds both mask tokens
+        # (the model itself prefers [gMASK]: see mindglm.positions).
+        positions = np.zeros((len(sequences), 2, attention_mask.shape[1]), np.int64)
+        for row, seq in enumerate(sequences):
+            if len(seq):
+                positions[row, :, -len(seq):] = glm_2d_positions(
+                    seq, self.sop_token_id, self.mask_token_id, self.gmask_token_id, PREFER_MASK)[0]
+        return positions
 
 
 class ChatGLM2Tokenizer(GLMTokenizer):
@@ -306,9 +323,7 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         self.special_tokens.update({"<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(), "<pad>": self.sp.unk_id()})
         self.mask_token_id = self.special_tokens["[MASK]"]
         self.gmask_token_id = self.special_tokens["[gMASK]"]
-        self.smask_token_id = self.special_tokens["[sMASK]"]
         self.sop_token_id = self.special_tokens["sop"]
-        self.eop_token_id = self.special_tokens["eop"]
         self.eos_token_id = self.sp.eos_id()
         self.pad_token_id = self.unk_token_id = self.sp.unk_id()
         # Ids the reference decodes to "" (<s>, </s>, <unk>/<pad>).
@@ -324,7 +339,7 @@ class ChatGLM2Tokenizer(GLMTokenizer):
         ids = self.sp.encode(text)
         return self._prefix + ids if add_special_tokens else ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def _decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` as the reference `decode` returns it: `<s>`, `</s>`, `<unk>`/`<pad>` and ids
         outside the vocabulary vanish; special tokens vanish for ChatGLM2 and appear by name
         (`<|user|>`, `[gMASK]`, `sop`, ...) for ChatGLM3 unless `skip_special_tokens=True`."""
@@ -343,8 +358,8 @@ class ChatGLM2Tokenizer(GLMTokenizer):
                 pieces.append(self.sp.id_to_piece(i))
         return self.sp.decode_pieces(pieces)
 
-    def _position_ids(self, ids: Sequence[int]) -> np.ndarray:
-        return np.arange(len(ids), dtype=np.int64)
+    def _position_ids(self, sequences, attention_mask) -> np.ndarray:
+        return positions_from_padding(attention_mask)
 
 
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
@@ -391,8 +406,8 @@ def infer_family(model_dir: str, vocab_file: Optional[str] = None) -> str:
 
     Order: config.json (ChatGLM-6B has `position_encoding_2d`; otherwise `_name_or_path` tells
     ChatGLM3 from ChatGLM2 exactly as `mindglm.config` decides for the model), then
-    tokenizer_config.json's `name_or_path`, then the tokenizer file name (`ice_text.model` is
-    ChatGLM-6B). A bare `tokenizer.model` with nothing else is ambiguous: ChatGLM3 is assumed,
+    tokenizer_config.json's `name_or_path`, then the tokenizer itself: a file (under any name) by its
+    pieces, a directory by its file names (`ice_text.model` is ChatGLM-6B). A bare `tokenizer.model` with nothing else is ambiguous: ChatGLM3 is assumed,
     with a warning (its text ids equal ChatGLM2's; pass family='chatglm2' for ChatGLM2).
     """
     from mindglm.config import detect_family
@@ -404,16 +419,22 @@ def infer_family(model_dir: str, vocab_file: Optional[str] = None) -> str:
     hinted = _family_from_name(str(tokenizer_config.get("name_or_path", "")))
     if hinted:
         return hinted
-    names = [os.path.basename(vocab_file)] if vocab_file else os.listdir(model_dir)
-    if TOKENIZER_FILES["chatglm"] in names:
+    if vocab_file is not None:
+        # A file under any name: its pieces tell ChatGLM-6B (GLM control pieces inside) from ChatGLM2/3.
+        is_v1 = _load_sentencepiece(vocab_file).piece_to_id("[gMASK]") != 0
+    else:
+        names = os.listdir(model_dir)
+        is_v1 = TOKENIZER_FILES["chatglm"] in names
+        if not is_v1 and "tokenizer.model" not in names:
+            raise TokenizerError(f"no ice_text.model or tokenizer.model in {model_dir!r}: point load_tokenizer at "
+                                 "a ChatGLM model directory or at its tokenizer file")
+    if is_v1:
         return "chatglm"
-    if "tokenizer.model" in names:
-        warnings.warn(f"cannot tell ChatGLM2 from ChatGLM3 for {vocab_file or model_dir!r} (no config.json "
-                      "or tokenizer_config.json next to it): assuming chatglm3; pass family='chatglm2' "
-                      "for a ChatGLM2 model", stacklevel=3)
-        return "chatglm3"
-    raise TokenizerError(f"no ice_text.model or tokenizer.model in {model_dir!r}: point load_tokenizer at "
-                         "a ChatGLM model directory or at its tokenizer file")
+    warnings.warn(f"cannot tell ChatGLM2 from ChatGLM3 for {vocab_file or model_dir!r} (no config.json "
+                  "or tokenizer_config.json next to it): assuming chatglm3; pass family='chatglm2' "
+                  "for a ChatGLM2 model", stacklevel=3)
+    return "chatglm3"
+
 
 
 def load_tokenizer(path: str, family: Optional[str] = None) -> GLMTokenizer:

@@ -29,7 +29,8 @@ from that config.json and `model.model_config` only overrides them.
 
     run = load_run_config("configs/glm3/chatglm3_6b.yaml", ["generation.top_p=0.5"])
     apply_context(run.context)          # mindspore.set_device / set_context
-    model, tokenizer = run.build_model(), run.load_tokenizer()
+    tokenizer = run.load_tokenizer()
+    model = mindglm.pipeline.load_run_model(run)  # building belongs to pipeline; this module only reads
 """
 from __future__ import annotations
 
@@ -125,11 +126,6 @@ class RunConfig:
                               "--set processor.tokenizer=/path/to/chatglm3-6b")
         return load_tokenizer(self.tokenizer, family=self.family)
 
-    def build_model(self):
-        """Build the network and load the checkpoint: a `GLMModel` with this run's generation defaults."""
-        from mindglm.pipeline import build_model
-        return build_model(self.model, self.require_checkpoint(), self.generation, self.engine)
-
 
 # ---------------------------------------------------------------------------------- YAML reading
 class _Loader(yaml.SafeLoader):
@@ -165,9 +161,14 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        mark, start = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        # An unclosed bracket or quote is only noticed on a later line (or at the end of the file):
+        # name the line where the construct began, which is where the mistake is.
+        if start is not None and mark is not None and start.line < mark.line:
+            context = getattr(exc, "context", None) or "the construct"
+            problem += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
 
 

@@ -42,7 +42,8 @@ def reference_chat(config: str, overrides=()):
     from mindglm.yaml_config import load_run_config
     run_config = load_run_config(config, list(overrides))
     if config not in _RUN_MODELS:
-        _RUN_MODELS[config] = (run_config.build_model(), run_config.load_tokenizer())
+        from mindglm.pipeline import load_run_model
+        _RUN_MODELS[config] = (load_run_model(run_config), run_config.load_tokenizer())
     model, tokenizer = _RUN_MODELS[config]
     model.generation_config = run_config.generation
     settings = {k: v for k, v in run_config.generation_settings.items() if k != "eos_token_id"}  # chat() sets stop ids

@@ -271,3 +271,56 @@ def test_mixed_lengths_with_the_shipped_default_budget_answer_every_line(tmp_pat
     assert len(lengths) == 3                                   # three different prompt lengths
     for row in rows.values():
         assert row["finish_reason"] == "length" and row["prompt_tokens"] + row["completion_tokens"] == 512
+
+
+# ---------------------------------------------------------------------------------- paths and input, before the model
+@pytest.mark.parametrize("case", ["input_dir", "output_dir", "resume_on_dir", "missing_dir", "read_only"])
+def test_bad_paths_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, case):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "你好"}])
+    args = {"input_dir": [str(tmp_path), str(tmp_path / "out.jsonl")],
+            "output_dir": [source, str(tmp_path)],
+            "resume_on_dir": [source, str(tmp_path), "--resume"],
+            "missing_dir": [source, str(tmp_path / "nowhere" / "out.jsonl")],
+            "read_only": [source, str(tmp_path / "out.jsonl")]}[case]
+    expected = {"input_dir": f"--input {tmp_path} is a directory: pass a file of prompts",
+                "output_dir": f"--output {tmp_path} is a directory: pass a file name",
+                "resume_on_dir": f"--output {tmp_path} is a directory: pass a file name",
+                "missing_dir": f"the directory of --output {tmp_path / 'nowhere' / 'out.jsonl'} does not exist",
+                "read_only": "(Read-only file system): pass a path in a directory you can write to"}[case]
+    if case == "read_only":  # as root, permission bits do not stop a write: simulate the mount
+        import errno
+        import tempfile
+
+        def read_only(*_, **__):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    built = []
+    monkeypatch.setattr("mindglm.pipeline.load_run_model", lambda run: built.append(1))
+    code = batch_infer.main(["--config", TINY["chatglm3"], "--input", args[0], "--output", args[1], *args[2:]])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert built == [] and sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # nothing loaded, nothing written
+
+
+def test_utf8_bom_on_the_first_line_is_accepted(tmp_path):
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes("\ufeff".encode() + json.dumps({"id": "a", "prompt": "你好"}, ensure_ascii=False).encode()
+                      + b"\n")
+    text = tmp_path / "in.txt"
+    text.write_bytes("\ufeff你好\n".encode())
+    requests, bad = batch_infer.read_requests(str(jsonl), "chatglm3")
+    assert bad == [] and [(r.id, r.query) for r in requests] == [("a", "你好")]
+    requests, bad = batch_infer.read_requests(str(text), "chatglm3")
+    assert bad == [] and [r.query for r in requests] == ["你好"]
+
+
+def test_a_line_max_length_leaves_no_room_for_is_a_bad_line(tmp_path):
+    """As in run_chat: no reply is generated for it; the other lines are unaffected."""
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "long", "prompt": "晚上睡不着应该怎么办？请详细说明"},
+                                                  {"id": "ok", "prompt": "你好", "generation": {"max_new_tokens": 3}}])
+    model, tokenizer, settings, run_config = reference_chat(TINY["chatglm3"], ["generation.max_length=8"])
+    requests, _ = batch_infer.read_requests(source, "chatglm3")
+    bad = batch_infer.prepare(requests, run_config, tokenizer, model.max_model_len)
+    assert [r.id for r in requests] == ["ok"] and requests[0].config.max_new_tokens == 3
+    assert len(bad) == 1 and bad[0][0] == 1
+    assert "max_length 8 leaves no room for a reply: raise max_length" in bad[0][1]

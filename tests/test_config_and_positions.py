@@ -138,3 +138,38 @@ def test_v2_positions_from_attention_mask():
     positions, prefix = glm2.prepare_positions(None, ids, mask)
     assert positions[:, 0].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert prefix.tolist() == [0, 0]
+
+
+SWITCHES = [{"rmsnorm": False}, {"post_layer_norm": False}, {"add_bias_linear": True},
+            {"rmsnorm": False, "post_layer_norm": False, "tie_word_embeddings": True}]
+
+
+@pytest.mark.parametrize("switches", SWITCHES + [{"rmsnorm": True}, {"add_bias_linear": False}],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
+def test_network_switches_are_honoured_by_the_builders(family, switches):
+    """The network built is the one the checkpoint schema (expected_shapes) describes, switch for switch."""
+    from mindglm.checkpoint import expected_shapes
+    from mindglm.models import family_module
+    extra = dict(bos_token_id=5, mask_token_id=6, gmask_token_id=7, multi_query_group_num=2) if family == "chatglm" \
+        else {}
+    config = GLMConfig(family=family, vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=2,
+                       kv_channels=16, ffn_hidden_size=48, seq_length=32, **{**extra, **switches})
+    network = family_module(config).build_network(config)
+    built = {p.name: tuple(p.shape) for p in network.get_parameters() if ".cache." not in p.name}
+    assert built == expected_shapes(config)
+    assert ("layers.0.input_norm.bias" in built) == (not config.rmsnorm)
+    assert ("final_norm.weight" in built) == config.post_layer_norm
+    assert ("layers.0.mlp.down.bias" in built) == config.add_bias_linear
+
+
+def test_family_network_defaults_and_the_v1_residual_rule():
+    v1 = GLMConfig(family="chatglm", bos_token_id=5, mask_token_id=6, gmask_token_id=7, multi_query_group_num=32)
+    assert (v1.rmsnorm, v1.add_bias_linear, v1.tie_word_embeddings, v1.apply_residual_connection_post_layernorm) == \
+        (False, True, True, True)
+    v3 = GLMConfig(family="chatglm3")
+    assert (v3.rmsnorm, v3.add_bias_linear, v3.tie_word_embeddings, v3.apply_residual_connection_post_layernorm) == \
+        (True, False, False, False)
+    with pytest.raises(ConfigError, match="ChatGLM-6B always takes its residuals from the norm outputs"):
+        GLMConfig(family="chatglm", bos_token_id=5, mask_token_id=6, gmask_token_id=7, multi_query_group_num=32,
+                  apply_residual_connection_post_layernorm=False)

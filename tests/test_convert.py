@@ -2,6 +2,7 @@
 against independent readers (mindspore.load_checkpoint, the safetensors package, a test-local
 torch-pickle reader, and torch itself when it is installed)."""
 import collections
+import errno
 import io
 import json
 import os
@@ -466,7 +467,8 @@ def test_hf_output_reads_with_safetensors_package(tmp_path):
     from safetensors.numpy import load_file
     ckpt = str(tmp_path / "c3.ckpt")
     convert(model_dir("chatglm3-tiny"), ckpt)
-    assert main(["--to-hf", "--src", ckpt, "--dst", str(tmp_path / "hf"), "--dtype", "float32", "-q"]) == 0
+    assert main(["--to-hf", "--src", ckpt, "--dst", str(tmp_path / "hf"), "--dtype", "float32", "-q",
+                 "--config", model_dir("chatglm3-tiny")]) == 0
     loaded = load_file(str(tmp_path / "hf" / "model.safetensors"))
     reference = reference_dir(model_dir("chatglm3-tiny"))
     for name, array in loaded.items():
@@ -503,3 +505,63 @@ def test_cli_module_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ckpt_convert", "--src", str(tmp_path / "nope"), "--dst", str(dst)],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "no checkpoint at" in bad.stderr
+
+
+# ------------------------------------------------------------------ bad input: signals, full disks, --to-hf
+
+def test_sigterm_leaves_no_tmp_file(tmp_path):
+    """SIGTERM during a conversion unwinds like Ctrl-C: no DST.tmp, no DST, and a rerun works."""
+    import signal
+    import time
+    dst = tmp_path / "out.ckpt"
+    slow = ("import sys, time, mindglm.io.ms_ckpt as w\n"
+            "write = w.CkptWriter.write\n"
+            "def slow(self, *args):\n"
+            "    write(self, *args); print('writing', flush=True); time.sleep(60)\n"
+            "w.CkptWriter.write = slow\n"
+            "from ckpt_convert.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "--src", model_dir("chatglm3-tiny"), "--dst", str(dst), "-q"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert os.path.exists(str(dst) + ".tmp")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; nothing was written" in err and "Traceback" not in err
+    assert not os.path.exists(str(dst) + ".tmp") and not dst.exists()
+    assert main(["--src", model_dir("chatglm3-tiny"), "--dst", str(dst), "-q"]) == 0 and dst.exists()
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free space there or pass a --dst on another disk"),
+                                       (errno.EROFS, "pass a --dst in a writable directory")], ids=["ENOSPC", "EROFS"])
+def test_write_errors_name_dst_and_the_fix(tmp_path, monkeypatch, capsys, code, fix):
+    dst = str(tmp_path / "out.ckpt")
+    write = CkptWriter.write
+
+    def failing(self, name, array):
+        write(self, name, array)
+        raise OSError(code, os.strerror(code))  # what the kernel says once the first tensor is out
+
+    monkeypatch.setattr(CkptWriter, "write", failing)
+    assert main(["--src", model_dir("chatglm3-tiny"), "--dst", dst, "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write --dst {dst}: " in err and fix in err and err.count("\n") == 1
+    assert not os.path.exists(dst + ".tmp") and not os.path.exists(dst)
+    monkeypatch.undo()
+    assert main(["--src", model_dir("chatglm3-tiny"), "--dst", dst, "-q"]) == 0
+
+
+def test_to_hf_refuses_without_a_config_and_copies_tokenizer_files(tmp_path, capsys):
+    ckpt = str(tmp_path / "c3.ckpt")
+    convert(model_dir("chatglm3-tiny"), ckpt)
+    assert main(["--to-hf", "--src", ckpt, "--dst", str(tmp_path / "hf"), "-q"]) == 1
+    assert "no config.json next to" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    # with the config and tokenizer beside the checkpoint, the output is a loadable THUDM directory
+    shutil.copy(os.path.join(model_dir("chatglm3-tiny"), "config.json"), tmp_path)
+    shutil.copy(os.path.join(ROOT, "tests", "fixtures", "tokenizers", "tokenizer.model"), tmp_path)
+    assert main(["--to-hf", "--src", ckpt, "--dst", str(tmp_path / "hf"), "-q"]) == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "tokenizer.model"]
+    import mindglm
+    ref = np.load(os.path.join(model_dir("chatglm3-tiny"), "golden.npz"))
+    np.testing.assert_allclose(mindglm.load_model(str(tmp_path / "hf")).logits(ref["single_input_ids"]),
+                               ref["single_logits"], atol=1e-4, rtol=0)

@@ -10,12 +10,13 @@ torch = pytest.importorskip("torch", reason="optional oracle: pip install torch=
 transformers = pytest.importorskip("transformers", reason="optional oracle: pip install transformers")
 
 from mindglm.config import GLMConfig  # noqa: E402
-from mindglm.pipeline import GLMModel, build_network, load_weights  # noqa: E402
+from mindglm.models import family_module  # noqa: E402
+from mindglm.pipeline import GLMModel, load_weights  # noqa: E402
 
 
 def random_weights(config, seed):
     rng = np.random.default_rng(seed)
-    network = build_network(config)
+    network = family_module(config).build_network(config)
     weights = {}
     for param in network.get_parameters():
         if param.name.endswith("norm.weight"):

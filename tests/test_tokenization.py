@@ -289,3 +289,67 @@ def test_wrong_family_for_file_and_unknown_family():
 
 def test_tokenizer_error_is_a_value_error():
     assert issubclass(TokenizerError, ValueError)
+
+
+PUNCTUATED = ["Wait …", "Hello , world ! Is it ? I don 't know . It 's ok", "a ' b", "We 're here , we 've won ; I 'm",
+              "你好 。 好的 ... 再见 !"]
+
+
+def test_v1_decode_cleans_up_spaces_before_punctuation():
+    """ChatGLM-6B decodes under transformers' default clean_up_tokenization_spaces=True."""
+    tokenizer = tokenizer_for("chatglm")
+    ids = tokenizer.encode("Wait …", add_special_tokens=False)  # sentencepiece normalises … to ...
+    assert tokenizer.decode(ids) == "Wait..."
+    assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == "Wait ..."
+    ids = tokenizer.encode("I don 't know , it 's fine !", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "I don 't know, it's fine!"
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
+def test_v2_v3_decode_keeps_spaces(family):
+    tokenizer = tokenizer_for(family)
+    ids = tokenizer.encode("Hello , world !", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "Hello , world !"
+    assert tokenizer.decode(ids, clean_up_tokenization_spaces=True) == "Hello, world!"
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+def test_decode_cleanup_matches_transformers(family):
+    """Oracle: transformers' own clean_up_tokenization on our uncleaned text, per family's default."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        pytest.skip("optional oracle: transformers is not installed (pip install transformers)")
+    clean = PreTrainedTokenizerBase.clean_up_tokenization  # a method (v5) or a staticmethod (v4)
+    reference = (lambda text: clean(text)) if isinstance(
+        PreTrainedTokenizerBase.__dict__["clean_up_tokenization"], staticmethod) else (lambda text: clean(None, text))
+    tokenizer = tokenizer_for(family)
+    for text in PUNCTUATED:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        raw = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        expected = reference(raw) if family == "chatglm" else raw
+        assert tokenizer.decode(ids) == expected, text
+        assert tokenizer.decode(ids, clean_up_tokenization_spaces=True) == reference(raw), text
+
+
+def test_load_tokenizer_names_what_is_wrong_with_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(TokenizerError, match="notes.txt' is not a sentencepiece model"):
+        load_tokenizer(str(tmp_path / "notes.txt"))
+    with pytest.raises(TokenizerError, match="empty.model' is an empty file, not a sentencepiece model"):
+        load_tokenizer(str(tmp_path / "empty.model"))
+    # the failures leave nothing behind: a real tokenizer in the same directory still loads
+    shutil.copy(os.path.join(TOKENIZER_DIR, "ice_text.model"), tmp_path / "ice_text.model")
+    assert load_tokenizer(str(tmp_path)).encode("你好") == tokenizer_for("chatglm").encode("你好")
+
+
+def test_load_tokenizer_reads_a_valid_tokenizer_under_another_name(tmp_path):
+    shutil.copy(os.path.join(TOKENIZER_DIR, "ice_text.model"), tmp_path / "glm_v1.spm")
+    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.model"), tmp_path / "glm_v2.bin")
+    v1 = load_tokenizer(str(tmp_path / "glm_v1.spm"))
+    assert isinstance(v1, ChatGLMTokenizer) and v1.encode("你好") == tokenizer_for("chatglm").encode("你好")
+    with pytest.warns(UserWarning, match="assuming chatglm3"):
+        v3 = load_tokenizer(str(tmp_path / "glm_v2.bin"))
+    assert isinstance(v3, ChatGLM3Tokenizer)
+    assert isinstance(load_tokenizer(str(tmp_path / "glm_v2.bin"), family="chatglm2"), ChatGLM2Tokenizer)

@@ -220,8 +220,12 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_yaml_syntax_and_duplicate_keys(tmp_path):
-    with pytest.raises(ConfigError, match=r"invalid YAML \(line \d+"):
+    # the unclosed bracket is on line 2; the parser only notices at the end of the file (line 3)
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 3, column 1: .*\(while parsing a flow "
+                                          r"sequence started at line 2, column 10\)"):
         load_run_config(write(tmp_path, "generation:\n  top_p: [0.5\n"))
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 2, column 11: mapping values are not allowed here$"):
+        load_run_config(write(tmp_path, "model:\n  family: : chatglm3\n"))
     with pytest.raises(ConfigError, match="duplicate key 'top_p'"):
         load_run_config(tiny_yaml(tmp_path, "generation:\n  top_p: 0.5\n  top_p: 0.6\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):

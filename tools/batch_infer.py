@@ -20,6 +20,7 @@ Input
     GenerationConfig fields for that line (max_length, max_new_tokens, do_sample, top_p, top_k,
     temperature, repetition_penalty, seed). Unknown fields are ignored (with a warning).
   any other file: one prompt per line (blank lines skipped), id = the line number.
+  Both are UTF-8; a byte order mark at the start (as Windows editors write) is skipped.
 
 Output: JSONL, one line per prompt, in the order they finish:
     {"id", "response", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
@@ -33,7 +34,8 @@ Every line gets exactly the reply that `model.chat()` gives it alone, sampled on
 (each line has its own random stream, seeded by its `seed`).
 
 Robustness: a bad line (invalid JSON, no prompt, duplicate id, malformed messages, a prompt
-longer than the model's context) is reported on stderr with its line number and skipped;
+longer than the model's context, or one that max_length leaves no room to answer; run_chat.py
+refuses that turn the same way) is reported on stderr with its line number and skipped;
 --strict makes any bad line an error before anything is generated (exit 1). The output is
 appended and fsync'ed as lines finish; --resume skips the ids already in it (an interrupted
 run loses at most the lines in flight and never duplicates a line). Configuration errors are one
@@ -47,12 +49,18 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mindglm.requirements import require_packages  # noqa: E402
+
+if __name__ == "__main__":
+    require_packages(__file__)
 
 from mindglm.config import ConfigError  # noqa: E402
 from mindglm.chat import messages_to_turn  # noqa: E402
@@ -88,7 +96,7 @@ def parse_record(text: str, line: int, family: str, warned: set) -> Request:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise ValueError(f"invalid JSON at column {exc.colno}: {exc.msg}") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(KNOWN_FIELDS) - warned)
@@ -120,13 +128,39 @@ def parse_record(text: str, line: int, family: str, warned: set) -> Request:
     return Request(line, identifier, query, history, role, generation)
 
 
+def check_paths(input_path: str, output_path: str, resume: bool) -> None:
+    """Fail before the model loads: the input must be a readable file, the output a file that can
+    be created (or, with --resume, appended to) in an existing, writable directory."""
+    if os.path.isdir(input_path):
+        raise BatchError(f"--input {input_path} is a directory: pass a file of prompts (.jsonl or text)")
+    if not os.path.isfile(input_path):
+        raise BatchError(f"input file {input_path} does not exist")
+    if os.path.isdir(output_path):
+        raise BatchError(f"--output {output_path} is a directory: pass a file name, e.g. "
+                         f"{os.path.join(output_path, 'answers.jsonl')}")
+    if os.path.exists(output_path) and os.path.getsize(output_path) and not resume:
+        raise BatchError(f"{output_path} already exists: pass --resume to skip the ids in it and append, "
+                         "or remove it")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise BatchError(f"the directory of --output {output_path} does not exist: create {folder} first")
+    try:  # trying is the only reliable test: root ignores permission bits, a read-only mount does not
+        if os.path.exists(output_path):
+            open(output_path, "a", encoding="utf-8").close()
+        else:  # leave nothing behind if the run stops before its first answer
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise BatchError(f"cannot write --output {output_path} ({exc.strerror}): pass a path in a directory "
+                         "you can write to") from None
+
+
 def read_requests(path: str, family: str) -> tuple:
-    """(requests, bad) where bad is a list of (line, reason)."""
+    """(requests, bad) where bad is a list of (line, reason). A UTF-8 byte order mark is skipped."""
     if not os.path.isfile(path):
         raise BatchError(f"input file {path} does not exist")
     jsonl = path.endswith(".jsonl")
     requests, bad, seen, warned = [], [], {}, set()
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, text in enumerate(handle, start=1):
             text = text.rstrip("\n").rstrip("\r")
             if not text.strip():
@@ -272,11 +306,9 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise BatchError(f"--batch-size must be at least 1, got {args.batch_size}")
+        check_paths(args.input, args.output, args.resume)
         run = resolve_run(args.config, args.checkpoint, args.device, args.overrides)
         requests, bad = read_requests(args.input, run.family)
-        if os.path.exists(args.output) and os.path.getsize(args.output) and not args.resume:
-            raise BatchError(f"{args.output} already exists: pass --resume to skip the ids in it and append, "
-                             "or remove it")
         done = read_done_ids(args.output) if args.resume else set()
         tokenizer = run.load_tokenizer()
         engine_config = dataclasses.replace(run.engine, max_num_seqs=args.batch_size)
@@ -295,7 +327,8 @@ def main(argv=None) -> int:
             return 0
         apply_context(run.context)
         run.require_checkpoint()
-        model = run.build_model()
+        from mindglm.pipeline import load_run_model
+        model = load_run_model(run)
         model.engine_config = engine_config
     except (ConfigError, CheckpointError, ChatError, BatchError) as exc:
         print(f"batch_infer.py: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -18,10 +18,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mindglm.requirements import require_packages  # noqa: E402
+
+if __name__ == "__main__":
+    require_packages(__file__)
+
+import numpy as np  # noqa: E402
 
 from mindglm.io.tensors import cast  # noqa: E402
 from mindglm.io.torch_bin import save_torch_bin  # noqa: E402

@@ -32,6 +32,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from mindglm.requirements import require_packages  # noqa: E402
+
+if __name__ == "__main__":
+    require_packages(__file__)
+
 import numpy as np  # noqa: E402
 
 CONFIGS = {
@@ -72,8 +77,9 @@ def random_weights(config, seed: int) -> dict:
 
 
 def build_mindglm(config, weights):
-    from mindglm.pipeline import GLMModel, build_network, load_weights
-    network = build_network(config)
+    from mindglm.models import family_module
+    from mindglm.pipeline import GLMModel, load_weights
+    network = family_module(config).build_network(config)
     load_weights(network, weights.items(), "random")
     return GLMModel(config, network)
 
@@ -352,6 +358,12 @@ def main(argv=None) -> int:
                         help="MindSpore CPU kernel threads and torch.set_num_threads (default: library defaults)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.compare_torch:
+        from mindglm.requirements import missing_packages
+        missing = missing_packages({"torch": "torch", "transformers": "transformers"})
+        if missing:
+            parser.error(f"--compare-torch needs {' and '.join(missing)} (optional reference packages): "
+                         "run `make reference`")
     if args.new_tokens < 2 * WINDOW + 2:
         parser.error(f"--new-tokens must be at least {2 * WINDOW + 2} (early/late windows of {WINDOW})")
 

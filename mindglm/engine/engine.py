@@ -69,7 +69,8 @@ def token_budget(generation: GenerationConfig, prompt_tokens: int, max_model_len
     if generation.max_length is not None:
         budget = min(generation.max_length, max_model_len) - prompt_tokens
         if budget <= 0:
-            raise PromptTooLong(min(generation.max_length, max_model_len), prompt_tokens, 1)
+            raise ConfigError(f"the prompt is {prompt_tokens} tokens and max_length {generation.max_length} leaves "
+                              "no room for a reply: raise max_length or set max_new_tokens")
         return budget, generation.max_length > max_model_len
     return room, False
 

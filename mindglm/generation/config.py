@@ -30,21 +30,24 @@ class GenerationConfig:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        checks = {
-            "max_length": lambda v: v is None or (_is_int(v) and v > 0),
-            "max_new_tokens": lambda v: v is None or (_is_int(v) and v >= 0),
-            "do_sample": lambda v: isinstance(v, bool),
-            "temperature": lambda v: _is_number(v) and v > 0,
-            "top_k": lambda v: _is_int(v) and v >= 0,
-            "top_p": lambda v: _is_number(v) and 0 < v <= 1,
-            "repetition_penalty": lambda v: _is_number(v) and v > 0,
-            "eos_token_id": lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
-            "pad_token_id": lambda v: v is None or _is_int(v),
-            "seed": lambda v: v is None or _is_int(v),
+        checks = {  # name: (valid?, what a valid value is)
+            "max_length": (lambda v: v is None or (_is_int(v) and v > 0), "a positive int or null"),
+            "max_new_tokens": (lambda v: v is None or (_is_int(v) and v > 0),
+                               "a positive int or null (a reply needs at least one token; model.logits() "
+                               "scores a prompt without generating)"),
+            "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+            "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+            "top_k": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 disables it)"),
+            "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+            "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 disables it)"),
+            "eos_token_id": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                             "an int, a list of ints or null"),
+            "pad_token_id": (lambda v: v is None or _is_int(v), "an int or null"),
+            "seed": (lambda v: v is None or _is_int(v), "an int or null"),
         }
-        for name, ok in checks.items():
+        for name, (ok, valid) in checks.items():
             if not ok(getattr(self, name)):
-                raise ConfigError(f"generation setting '{name}' has an invalid value {getattr(self, name)!r}")
+                raise ConfigError(f"generation setting '{name}' is {getattr(self, name)!r}; it must be {valid}")
 
     @classmethod
     def from_kwargs(cls, base: Optional["GenerationConfig"] = None, **kwargs) -> "GenerationConfig":

@@ -46,7 +46,7 @@ class _Conversion:
             raise CheckpointError(f"no config.json found next to {src}: pass --config with the model's "
                                   "THUDM config.json (or its directory)")
         self.plan: Plan = plan_to_mindglm(shapes, self.config, source,
-                                          config_source=self.config_path or "config.json")
+                                          config_source=self.config_path or "the model config")
 
     def stream(self, dtype: Optional[str] = None, reuse: bool = False) -> Iterator:
         """Yield (mindglm name, array cast to `dtype`) in plan order; bfloat16 stays uint16 bits.

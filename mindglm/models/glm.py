@@ -1,7 +1,8 @@
 """ChatGLM-6B (GLM v1): 2D rotary positions, bidirectional context, blank infilling.
 
 What is particular to this family, on top of models/base.py:
-- LayerNorm with bias; GELU (tanh form) MLP with biases; output tied to the word embedding;
+- LayerNorm with bias; GELU (tanh form) MLP with biases; output tied to the word embedding
+  (GLMConfig's family defaults; the builders honour rmsnorm, add_bias_linear, post_layer_norm);
 - each residual is taken from the norm output and scaled by alpha = sqrt(2 * 28): THUDM's
   ChatGLMModel never passes num_layers to GLMBlock, whose default is 28, so alpha is that of the
   28-layer model whatever config.num_layers says (the golden fixtures, 2 layers, confirm it);
@@ -23,8 +24,9 @@ import math
 import numpy as np
 from mindspore import nn, ops
 
+from mindglm.positions import PREFER_GMASK, glm_2d_positions
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
-from mindglm.models.layers import (LayerNorm, Linear, Rotary, SelfAttention, ms_dtype, rotary_angle_table,
+from mindglm.models.layers import (Linear, Rotary, SelfAttention, ms_dtype, norm_factory, rotary_angle_table,
                                    rotary_frequencies, rotate_half_matrix)
 
 # GLMBlock's default num_layers in the reference, the one its residual scale is computed from.
@@ -40,8 +42,9 @@ class GeluMLP(nn.Cell):
     def __init__(self, config):
         super().__init__()
         param_dtype, compute_dtype = ms_dtype(config.param_dtype), ms_dtype(config.compute_dtype)
-        self.up = Linear(config.hidden_size, config.ffn_hidden_size, True, param_dtype, compute_dtype)
-        self.down = Linear(config.ffn_hidden_size, config.hidden_size, True, param_dtype, compute_dtype)
+        bias = config.add_bias_linear
+        self.up = Linear(config.hidden_size, config.ffn_hidden_size, bias, param_dtype, compute_dtype)
+        self.down = Linear(config.ffn_hidden_size, config.hidden_size, bias, param_dtype, compute_dtype)
 
     def construct(self, x):
         # MindSpore's fused tanh-GELU is accurate to ~5e-7; its CPU ops.tanh alone is only ~1e-4.
@@ -66,7 +69,7 @@ def two_half_rotation(head_dim: int) -> np.ndarray:
 
 def build_network(config) -> GLMTransformer:
     """The ChatGLM-6B network with zero weights (load a checkpoint into it)."""
-    norm = lambda: LayerNorm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+    norm = norm_factory(config)
     rotary = Rotary(config.head_dim, config.head_dim, two_half_rotation(config.head_dim))
     alpha = math.sqrt(2 * ALPHA_NUM_LAYERS)
     blocks = []
@@ -75,15 +78,15 @@ def build_network(config) -> GLMTransformer:
                                   score_scale=float(layer_number))
         blocks.append(Block(norm(), attention, norm(), GeluMLP(config), residual_from_norm=True,
                             residual_scale=alpha))
-    return GLMTransformer(config, blocks, norm(), RotaryTable(rotary_angles(config)))
+    final_norm = norm() if config.post_layer_norm else nn.Identity()
+    return GLMTransformer(config, blocks, final_norm, RotaryTable(rotary_angles(config)))
 
 
 def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, position_ids=None):
     """2D position ids [batch, 2, seq] and context (prefix) lengths [batch], from the ids.
 
-    For each row (after its left padding): the context ends at `<sop>` (bos_token_id); positions
-    count 0..n-1 over the context and stay at the mask token's index afterwards ([gMASK] if the
-    row has one, else [MASK]); block positions are 0 over the context, then 1, 2, 3, ...
+    For each row (after its left padding), `mindglm.positions.glm_2d_positions` with [gMASK]
+    deciding when both mask tokens are present, as THUDM's modeling does.
     The prefix length returned is in slot units (padding included), so the mask can compare
     key slots with it directly.
     """
@@ -95,17 +98,8 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
     prefix_lengths = np.zeros((batch,), np.int64)
     for row in range(batch):
         start = int(np.argmax(attention_mask[row] > 0)) if attention_mask[row].any() else seq
-        tokens = [int(t) for t in input_ids[row, start:]]
-        length = len(tokens)
-        context = tokens.index(config.bos_token_id) if config.bos_token_id in tokens else length
-        position = np.arange(length)
-        block = np.zeros(length, np.int64)
-        for mask_id in (config.gmask_token_id, config.mask_token_id):
-            if mask_id in tokens:
-                position[context:] = tokens.index(mask_id)
-                break
-        block[context:] = np.arange(1, length - context + 1)
-        positions[row, 0, start:] = position
-        positions[row, 1, start:] = block
+        # THUDM's modeling prefers [gMASK] when both mask tokens are present (its tokenizer does not)
+        positions[row, :, start:], context = glm_2d_positions(
+            input_ids[row, start:], config.bos_token_id, config.mask_token_id, config.gmask_token_id, PREFER_GMASK)
         prefix_lengths[row] = start + context
     return (positions if explicit is None else explicit), prefix_lengths

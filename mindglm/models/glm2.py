@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from mindspore import nn, ops
 
+from mindglm.positions import positions_from_padding
 from mindglm.models.base import Block, GLMTransformer, RotaryTable
-from mindglm.models.layers import (Linear, RMSNorm, Rotary, SelfAttention, default_query_scale, ms_dtype,
+from mindglm.models.layers import (Linear, Rotary, SelfAttention, default_query_scale, ms_dtype, norm_factory,
                                    rotary_angle_table, rotary_frequencies, rotate_interleaved_matrix)
 
 # Generation advances the single position channel by one per token.
@@ -49,7 +50,7 @@ def rotary_angles(config) -> np.ndarray:
 
 def build_network(config) -> GLMTransformer:
     """The ChatGLM2/3 network with zero weights (load a checkpoint into it)."""
-    norm = lambda: RMSNorm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+    norm = norm_factory(config)
     rotary = Rotary(config.rotary_dims, config.head_dim, rotate_interleaved_matrix(config.rotary_dims))
     blocks = [
         Block(norm(), SelfAttention(config, rotary, default_query_scale(config.head_dim)), norm(),
@@ -71,6 +72,6 @@ def prepare_positions(config, input_ids: np.ndarray, attention_mask=None, positi
         if attention_mask is None:
             position_ids = np.broadcast_to(np.arange(seq), (batch, seq))
         else:
-            position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+            position_ids = positions_from_padding(attention_mask)
     position_ids = np.asarray(position_ids, np.int64).reshape(batch, 1, seq)
     return position_ids, np.zeros((batch,), np.int64)

@@ -92,6 +92,12 @@ class LayerNorm(nn.Cell):
         return (normed * self.weight.astype(ms.float32) + self.bias.astype(ms.float32)).astype(x.dtype)
 
 
+def norm_factory(config):
+    """A function making the config's norm: RMSNorm (ChatGLM2/3) or LayerNorm with bias (ChatGLM-6B)."""
+    norm = RMSNorm if config.rmsnorm else LayerNorm
+    return lambda: norm(config.hidden_size, config.layernorm_epsilon, ms_dtype(config.param_dtype))
+
+
 # ---------------------------------------------------------------------------------- rotary
 def rotary_frequencies(rotary_pairs_dim: int, base: float) -> np.ndarray:
     """inv_freq_i = 1 / base^(2i / dim), i < dim/2, computed in float32 as the references do."""
