@@ -154,7 +154,7 @@ class Engine:
         return changed
 
     def _forget(self, seq) -> None:
-        if seq is not None and hasattr(self.runner, "release"):
+        if seq is not None:
             self.runner.release(seq.request_id)
 
     def run_until_done(self, sequences) -> None:

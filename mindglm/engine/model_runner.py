@@ -135,6 +135,9 @@ class ModelRunner:
             kv_rows[b] = row.row
         return self._run(ids, positions, key_valid, query_index, context, slots, kv_rows, np.zeros(rows))[:count]
 
+    def release(self, request_id: str) -> None:
+        """Nothing to do: a freed row's stale slots are never admitted by the mask."""
+
     def _run(self, *arrays) -> np.ndarray:
         ids, key_valid = arrays[0], arrays[2]
         key = (ids.shape[0], ids.shape[1], key_valid.shape[1])
