@@ -4,13 +4,15 @@ Run-time library code (load_model uses it); the `ckpt_convert` CLI writes what t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from mindglm.checkpoint import CheckpointError, Plan, build_target, detect_source, plan_to_mindglm
+from mindglm.checkpoint import (CheckpointError, Plan, build_target, detect_family, detect_source, plan_to_mindglm,
+                                stored_quantization)
 from mindglm.config import GLMConfig
 from mindglm.io.sources import list_tensors
 from mindglm.io.tensors import BufferPool, cast, parse_dtype, to_numpy
@@ -45,7 +47,16 @@ class _Conversion:
         if self.config is None and need_config and source != "mindglm":
             raise CheckpointError(f"no config.json found next to {src}: pass --config with the model's "
                                   "THUDM config.json (or its directory)")
-        self.plan: Plan = plan_to_mindglm(shapes, self.config, source,
+        family = self.config.family if self.config is not None else detect_family(shapes)
+        int_names = {name for name, t in self.tensors.items() if t.dtype.name == "int8"}
+        # How the files store the matrices, whatever the model will be built as (the loader
+        # quantizes float weights for a quantized model; see mindglm/loading.py).
+        self.bits, self.output_quantized = stored_quantization(
+            shapes, int_names, family, source, self.config.hidden_size if self.config is not None else None)
+        stored = self.config
+        if stored is not None:
+            stored = dataclasses.replace(stored, quantization_bit=self.bits, quantize_output=self.output_quantized)
+        self.plan: Plan = plan_to_mindglm(shapes, stored, source, family=family,
                                           config_source=self.config_path or "config.json")
 
     def stream(self, dtype: Optional[str] = None, reuse: bool = False) -> Iterator:
