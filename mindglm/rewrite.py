@@ -2,8 +2,8 @@
 
 Quantization (and later LoRA and tensor parallelism) are rewrites of a built network, applied
 before its weights are loaded (gpt-fast's order: build -> rewrite -> load). MindSpore 2.10 names
-a Parameter once, when the network is built: a cell assigned afterwards keeps names such as
-`weight` (from its own constructor) instead of `layers.0.attention.qkv.weight`, so
+a Parameter once, when the network is built: a cell assigned afterwards gets names such as
+`qkv.weight` (its attribute name alone) instead of `layers.0.attention.qkv.weight`, so
 `get_parameters()` and checkpoint saving would see clashing names (`parameters_and_names()`
 still walks the right paths). `replace_cell` renames the new cell's parameters to its path.
 """

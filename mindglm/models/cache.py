@@ -19,6 +19,8 @@ from mindspore.common.initializer import initializer
 class KVCache(nn.Cell):
     """Keys and values of one layer for `max_seq` slots."""
 
+    parameter_group = "cache"  # runtime state, not weights: the loader skips it (mindglm/loading.py)
+
     def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, name: str = "cache"):
         super().__init__()
         shape = (max_seq, batch, kv_heads, head_dim)
