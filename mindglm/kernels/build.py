@@ -94,3 +94,17 @@ def library_path() -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def kernel_counters(reset: bool = False) -> tuple:
+    """(seconds spent inside the kernels, calls) in this process since the last reset; for the
+    benchmarks' breakdown of a decode step (kernel time vs MindSpore's own ops and launches)."""
+    import ctypes
+    lib = ctypes.CDLL(library_path())  # the handle MindSpore opened: same counters
+    lib.MindglmKernelNanos.restype = lib.MindglmKernelCalls.restype = ctypes.c_int64
+    return lib.MindglmKernelNanos(int(reset)) / 1e9, lib.MindglmKernelCalls(int(reset))
+
+
+def kernels_have_simd() -> bool:
+    import ctypes
+    return bool(ctypes.CDLL(library_path()).MindglmKernelsSimd())

@@ -16,6 +16,7 @@
 // Every entry point has MindSpore's AOT signature; inputs are (x, w[, scale][, bias]), the last
 // param is the output. Built by mindglm/kernels/build.py (g++, AVX2/FMA/F16C when present).
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +38,8 @@ class Pool {
     const char* env = std::getenv("MINDGLM_KERNEL_THREADS");
     int n = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
     threads_ = n < 1 ? 1 : (n > 64 ? 64 : n);
+    const char* spin = std::getenv("MINDGLM_KERNEL_SPIN");
+    spin_ = spin ? std::atoi(spin) : 2000;
     for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { Loop(t); });
   }
   ~Pool() {
@@ -56,7 +59,9 @@ class Pool {
     generation_.fetch_add(1, std::memory_order_release);
     generation_.notify_all();
     fn(ctx, 0, tasks);
-    while (pending_.load(std::memory_order_acquire) != 0) Pause();
+    // Wait for the others: spin briefly, then sleep (a descheduled worker must not cost a core).
+    for (int spin = 0; spin < spin_ && pending_.load(std::memory_order_acquire) != 0; ++spin) Pause();
+    for (int left; (left = pending_.load(std::memory_order_acquire)) != 0;) pending_.wait(left);
     busy_.store(false, std::memory_order_release);
   }
 
@@ -69,8 +74,10 @@ class Pool {
   void Loop(int t) {
     uint64_t seen = 0;
     for (;;) {
+      // Spin a little (back-to-back kernels of one decode step are microseconds apart), then
+      // sleep on a futex: on a loaded machine, a spinning thread steals the core the caller needs.
       uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; now == seen && spin < 200000; ++spin) {  // ~0.1-1 ms of spinning
+      for (int spin = 0; now == seen && spin < spin_; ++spin) {
         Pause();
         now = generation_.load(std::memory_order_acquire);
       }
@@ -79,11 +86,12 @@ class Pool {
       if (stop_.load()) return;
       if (t < tasks_) {
         fn_(ctx_, t, tasks_);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) pending_.notify_all();
       }
     }
   }
   int threads_ = 1;
+  int spin_ = 2000;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
@@ -258,8 +266,25 @@ void Slice(void* ctx, int t, int tasks) {
   }
 }
 
+// Time spent inside the kernels, for the benchmark's breakdown (two clock reads per call).
+std::atomic<int64_t> kernel_nanos{0};
+std::atomic<int64_t> kernel_calls{0};
+
+template <class F>
+int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled);
+
 template <class F>
 int Launch(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
+  auto start = std::chrono::steady_clock::now();
+  int status = LaunchTimed<F>(nparam, params, ndims, shapes, scaled);
+  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  return status;
+}
+
+template <class F>
+int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
   // params: x [M, K], w [N, stride], scale [N] (scaled formats), bias [N] (optional), y [M, N]
   int inputs = nparam - 1;
   int expected = scaled ? 3 : 2;
@@ -323,6 +348,13 @@ int MatmulInt8(int nparam, void** params, int* ndims, int64_t** shapes, const ch
 }
 int MatmulInt4(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
   return Launch<I4>(nparam, params, ndims, shapes, true);
+}
+// Nanoseconds spent in the kernels and number of calls since the last reset (benchmarks).
+int64_t MindglmKernelNanos(int reset) {
+  return reset ? kernel_nanos.exchange(0) : kernel_nanos.load();
+}
+int64_t MindglmKernelCalls(int reset) {
+  return reset ? kernel_calls.exchange(0) : kernel_calls.load();
 }
 // The kernels' compile-time capabilities, for tests and the benchmark report.
 int MindglmKernelsSimd() {
