@@ -63,9 +63,10 @@ class GLMConfig:
     # Storage dtype of unquantized Linear matrices; None: param_dtype. "float16" keeps them in fp16
     # and multiplies in float32 inside the CPU kernel (no float32 copy of the weights).
     weight_dtype: Optional[str] = None
-    # How Linear layers multiply: "auto" (CPU kernels for quantized / fp16 weights, MindSpore's
-    # MatMul for float32; Ascend's WeightQuantBatchMatmul on Ascend), "kernels" (the CPU kernels
-    # for every Linear, float32 too), "portable" (dequantize + MatMul, no compiler needed).
+    # How Linear layers multiply: "auto" (on CPU, mindglm's kernels for int8/int4/fp16 weights and
+    # MindSpore's MatMul for float32; Ascend's WeightQuantBatchMatmul on Ascend), "kernels" (the
+    # CPU kernels for float32 weights too: faster than MatMul on big matrices), "portable"
+    # (dequantize + MatMul, needs no compiler). See mindglm/quantize.py.
     linear_backend: str = "auto"
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
     name_or_path: str = ""

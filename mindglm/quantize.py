@@ -213,16 +213,21 @@ def linear_backend(config, device_target: str = None) -> str:
     return "portable"
 
 
-def linear_format(config, module: str):
-    """The storage format of Linear `module` ('layers.0.mlp.up', 'output'), or None to keep
-    MindSpore's Linear."""
+def linear_format(config, module: str, backend: str):
+    """The storage format of Linear `module` ('layers.0.mlp.up', 'output') under `backend`, or None
+    to keep MindSpore's Linear."""
     if config.quantization_bit and quantized_module(module, config.quantize_output):
         return f"int{config.quantization_bit}"
-    if config.weight_dtype == "float16":
+    dtype = config.weight_dtype or config.param_dtype
+    if backend == "kernels":
+        # fp16 weights always take the kernel: MindSpore's CPU MatMul would widen them to a float32
+        # copy per call. fp32 ones only when asked ("kernels"): MatMul is exact and needs no compiler.
+        if dtype == "float16" or (dtype == "float32" and config.linear_backend == "kernels"):
+            return dtype
+        return None
+    if backend == "portable" and config.weight_dtype == "float16":
         return "float16"
-    if config.linear_backend == "kernels" and config.param_dtype == "float32":
-        return "float32"
-    return None
+    return None  # Ascend's own MatMul is fast in fp16; only int formats need its fused op
 
 
 def quantize_network(network, config, device_target: str = None) -> list:
@@ -233,13 +238,10 @@ def quantize_network(network, config, device_target: str = None) -> list:
     def make(path, cell):
         if not isinstance(cell, Linear):
             return None
-        fmt = linear_format(config, path)
+        fmt = linear_format(config, path, backend)
         if fmt is None:
             return None
-        cell_backend = backend
-        if backend == "ascend" and fmt in ("float16", "float32"):
-            return None  # Ascend's own MatMul is fast in fp16; only int formats need the fused op
-        return WeightLinear(cell.in_features, cell.out_features, cell.bias is not None, fmt, cell_backend,
+        return WeightLinear(cell.in_features, cell.out_features, cell.bias is not None, fmt, backend,
                             compute_dtype)
 
     return replace_cells(network, make)

@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 from functools import lru_cache
 
+from mindglm.config import ConfigError
+
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("linear.cc",)
 # The SIMD path needs all three; without them the same source builds its scalar loops.
@@ -23,8 +25,9 @@ PORTABLE_HINT = ("or build the model with the portable backend (dequantize + Mat
                  "GLMConfig")
 
 
-class KernelBuildError(RuntimeError):
-    """The CPU kernels cannot be built here; the message names the cause and the way out."""
+class KernelBuildError(ConfigError):
+    """The CPU kernels cannot be built here; the message names the cause and the way out (a
+    ConfigError, so the front ends print it as one line like any other setup mistake)."""
 
 
 def cpu_features() -> frozenset:
