@@ -7,6 +7,7 @@ setup(
     description="MindSpore-native GLM chat models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)",
     python_requires=">=3.9",
     packages=find_packages(include=["mindglm", "mindglm.*", "ckpt_convert", "ckpt_convert.*"]),
+    package_data={"mindglm.kernels": ["*.cc"]},  # compiled on first use (mindglm/kernels/build.py)
     install_requires=[
         "mindspore==2.10.0",
         "numpy<2",  # MindSpore 2.10 wheels are built against the NumPy 1.x ABI

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="THUDM config.json or its directory (default: next to --src)")
     parser.add_argument("--dtype", help=f"cast float tensors to one of {', '.join(CAST_TARGETS)} "
                                         "(default: keep each tensor's dtype)")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="weight-only quantization of the layers' matrices, THUDM's format and rounding "
+                             "(per-row fp16 scales)")
+    parser.add_argument("--quantize-output", action="store_true",
+                        help="with --quantize: the output layer too (ChatGLM2/3; THUDM never does)")
     parser.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES,
                         help="with --to-hf: largest shard (default 2GB)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
@@ -73,9 +78,11 @@ def main(argv=None) -> int:
     try:
         if args.to_hf:
             stats = convert_to_hf(args.src, args.dst, config=args.config, dtype=args.dtype,
-                                  max_shard_bytes=args.max_shard_size, progress=progress)
+                                  max_shard_bytes=args.max_shard_size, progress=progress,
+                                  quantize=args.quantize, quantize_output=args.quantize_output)
         else:
-            stats = convert(args.src, args.dst, dtype=args.dtype, config=args.config, progress=progress)
+            stats = convert(args.src, args.dst, dtype=args.dtype, config=args.config, progress=progress,
+                            quantize=args.quantize, quantize_output=args.quantize_output)
     except (CheckpointError, ConfigError) as exc:
         print(f"ckpt_convert: error: {exc}", file=sys.stderr)
         return 1

@@ -72,16 +72,46 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------- mindglm shapes
 
+# mindglm modules whose `.weight` THUDM quantizes; the output layer only on request.
+QUANTIZED_MODULES = ("attention.qkv", "attention.dense", "mlp.up", "mlp.down")
+OUTPUT_MODULE = "output"
+
+
+def quantized_module(name: str, quantize_output: bool = False) -> bool:
+    """Is mindglm module `name` (e.g. 'layers.3.mlp.up', without '.weight') stored quantized?"""
+    if name == OUTPUT_MODULE:
+        return quantize_output
+    return name.startswith("layers.") and name.split(".", 2)[-1] in QUANTIZED_MODULES
+
+
+def packed_columns(in_features: int, bits: int) -> int:
+    """Stored columns of an [out, in] matrix: in, or in/2 bytes for int4."""
+    if bits == 4:
+        if in_features % 2:
+            raise CheckpointError(f"int4 packs two weights per byte along the input axis, but this matrix has "
+                                  f"an odd input size ({in_features}): quantize it to int8 instead")
+        return in_features // 2
+    return in_features
+
+
 def expected_shapes(config: GLMConfig) -> dict:
-    """Every mindglm parameter name of `config`'s network mapped to its shape, in network order."""
+    """Every mindglm tensor name of `config`'s checkpoint mapped to its shape, in network order.
+
+    With `quantization_bit` the quantized matrices are int8 [out, in] (int4: [out, in/2]) plus a
+    `.weight_scale` [out] each, as THUDM stores them (mindglm/weight_formats.py)."""
     hidden, ffn, head_dim = config.hidden_size, config.ffn_hidden_size, config.kv_channels
     qkv_rows = (config.num_attention_heads + 2 * config.multi_query_group_num) * head_dim
     up_rows = ffn if config.family == "chatglm" else 2 * ffn
     norm_bias = not config.rmsnorm
     shapes = {"embedding.weight": (config.vocab_size, hidden)}
 
+    bits = config.quantization_bit
+
     def add(name, rows, cols=None, bias=False):
         shapes[name + ".weight"] = (rows,) if cols is None else (rows, cols)
+        if cols is not None and bits and quantized_module(name, config.quantize_output):
+            shapes[name + ".weight"] = (rows, packed_columns(cols, bits))
+            shapes[name + ".weight_scale"] = (rows,)
         if bias:
             shapes[name + ".bias"] = (rows,)
 
@@ -137,7 +167,7 @@ class Piece:
 
 _V2 = r"transformer\.encoder\.layers\.(?P<layer>\d+)\."
 _V1 = r"transformer\.layers\.(?P<layer>\d+)\."
-_WB = r"\.(?P<wb>weight|bias)"
+_WB = r"\.(?P<wb>weight_scale|weight|bias)"  # weight_scale: THUDM's int8/int4 per-row scales
 _LN = r"\.(?P<wb>gamma|beta)"  # MindFormers' LayerNorm parameter names
 
 
@@ -156,7 +186,7 @@ _V2_THUDM = [
     _layer(_V2, r"mlp\.dense_h_to_4h", "mlp.up"),
     _layer(_V2, r"mlp\.dense_4h_to_h", "mlp.down"),
     (r"transformer\.encoder\.final_layernorm" + _WB, "final_norm.{wb}", "copy"),
-    (r"transformer\.output_layer\.weight", "output.weight", "copy"),
+    (r"transformer\.output_layer\.(?P<wb>weight_scale|weight)", "output.{wb}", "copy"),
     (r"transformer\.rotary_pos_emb\.inv_freq", "", "ignore"),
 ]
 _V2_MINDFORMERS = [
@@ -194,8 +224,9 @@ _TRAINING_STATE = [
 ]
 _MINDGLM = [
     (r"embedding\.weight|output\.weight|final_norm\.(weight|bias)", "{name}", "copy"),
+    (r"output\.weight_scale", "{name}", "copy"),
     (r"layers\.\d+\.(input_norm|post_attention_norm|attention\.qkv|attention\.dense|mlp\.up|mlp\.down)"
-     r"\.(weight|bias)", "{name}", "copy"),
+     r"\.(weight|bias|weight_scale)", "{name}", "copy"),
 ]
 _LN_NAME = {"gamma": "weight", "beta": "bias"}
 
@@ -327,6 +358,35 @@ def _unexpected(piece: Piece, config: GLMConfig, config_source: str = "config.js
                            f"{config.add_bias_linear}, tie_word_embeddings={config.tie_word_embeddings})")
 
 
+# ---------------------------------------------------------------------------------- quantized storage
+
+def stored_quantization(shapes: dict, int_names: set, family: str, source: str,
+                        hidden_size: Optional[int] = None) -> tuple:
+    """(bits, output quantized) of a checkpoint, from its names, shapes and which tensors are int8.
+
+    Layer 0's qkv has `hidden_size` inputs (default: the embedding's width), so its stored columns
+    tell int8 (hidden) from int4 (hidden / 2). Every other shape is then checked by the plan."""
+    targets = {}
+    for name, shape in shapes.items():
+        piece = map_name(name, family, source)
+        if piece.kind not in ("ignore", "tied"):
+            targets[piece.target] = (name, tuple(shape))
+    quantized = {t for t, (name, _) in targets.items() if name in int_names or t.endswith(".weight_scale")}
+    if not quantized:
+        return 0, False
+    hidden = hidden_size or targets.get("embedding.weight", (None, (0, 0)))[1][1]
+    name, shape = targets.get("layers.0.attention.qkv.weight", (None, None))
+    if name is None or name not in int_names:
+        raise CheckpointError(f"the checkpoint holds quantized tensors (e.g. '{sorted(quantized)[0]}') but layer "
+                              "0's query_key_value weight is missing or not int8: the checkpoint is incomplete "
+                              "or mixes formats")
+    if len(shape) != 2 or shape[1] not in (hidden, hidden // 2):
+        raise CheckpointError(f"'{name}' is int8 of shape {shape}: an int8 matrix stores {hidden} columns "
+                              f"(the hidden size), an int4 one {hidden // 2} (two per byte); the file is corrupt "
+                              "or not THUDM's format")
+    return (8 if shape[1] == hidden else 4), "output.weight" in quantized
+
+
 # ---------------------------------------------------------------------------------- planning
 
 @dataclass
@@ -427,6 +487,7 @@ _TO_THUDM_V2 = {
     "attention.dense": "self_attention.dense", "post_attention_norm": "post_attention_layernorm",
     "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h",
     "final_norm": "transformer.encoder.final_layernorm", "output.weight": "transformer.output_layer.weight",
+    "output.weight_scale": "transformer.output_layer.weight_scale",
 }
 _TO_THUDM_V1 = dict(_TO_THUDM_V2, **{
     "embedding.weight": "transformer.word_embeddings.weight", "attention.qkv": "attention.query_key_value",

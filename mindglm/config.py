@@ -18,6 +18,7 @@ FAMILY_NETWORK = {
 }
 ROPE_SCALINGS = ("position", "base")
 DTYPES = ("float32", "float16", "bfloat16")
+LINEAR_BACKENDS = ("auto", "kernels", "portable")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,18 @@ class GLMConfig:
     param_dtype: str = "float32"
     use_past: bool = True
     use_flash_attention: bool = False
+    # Weight-only quantization of the layers' four matrices (THUDM's `quantization_bit`): 0, 8 or 4.
+    quantization_bit: int = 0
+    # Also quantize the output layer (THUDM never does; chatglm.cpp does). ChatGLM2/3 only.
+    quantize_output: bool = False
+    # Storage dtype of unquantized Linear matrices; None: param_dtype. "float16" keeps them in fp16
+    # and multiplies in float32 inside the CPU kernel (no float32 copy of the weights).
+    weight_dtype: Optional[str] = None
+    # How Linear layers multiply: "auto" (on CPU, mindglm's kernels for int8/int4/fp16 weights and
+    # MindSpore's MatMul for float32; Ascend's WeightQuantBatchMatmul on Ascend), "kernels" (the
+    # CPU kernels for float32 weights too: faster than MatMul on big matrices), "portable"
+    # (dequantize + MatMul, needs no compiler). See mindglm/quantize.py.
+    linear_backend: str = "auto"
     prefill_buckets: list = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
 
     def __post_init__(self):
@@ -115,6 +128,17 @@ class GLMConfig:
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
             raise ConfigError(
                 f"config key 'rope_scaling' is {self.rope_scaling!r}; expected one of {ROPE_SCALINGS}")
+        if self.quantization_bit not in (0, 4, 8):
+            raise ConfigError(f"config key 'quantization_bit' is {self.quantization_bit!r}: THUDM's weight-only "
+                              "quantization has 8 or 4 bits (0: none)")
+        if self.weight_dtype not in (None, "float32", "float16"):
+            raise ConfigError(f"config key 'weight_dtype' is {self.weight_dtype!r}; expected float16, float32 or null")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ConfigError(f"config key 'linear_backend' is {self.linear_backend!r}; expected one of "
+                              f"{LINEAR_BACKENDS}")
+        if self.quantize_output and self.tie_word_embeddings:
+            raise ConfigError("quantize_output needs a separate output layer; ChatGLM-6B's is tied to the "
+                              "embedding: set quantize_output false")
         for key in ("compute_dtype", "param_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"config key '{key}' is {getattr(self, key)!r}; expected one of {DTYPES}")
@@ -177,7 +201,7 @@ _THUDM_IGNORED = {
     "transformers_version", "apply_query_key_layer_scaling", "attention_softmax_in_fp32",
     "fp32_residual_connection", "bias_dropout_fusion", "hidden_dropout", "attention_dropout",
     "original_rope", "multi_query_attention", "classifier_dropout", "position_encoding_2d",
-    "pre_seq_len", "prefix_projection", "quantization_bit", "interleaved_qkv", "num_image_tokens",
+    "pre_seq_len", "prefix_projection", "interleaved_qkv", "num_image_tokens",
     "max_length", "initializer_range", "is_encoder_decoder",
 }
 # THUDM key -> mindglm field
@@ -203,20 +227,20 @@ def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
     if raw.get("pre_seq_len"):
         raise ConfigError(f"{source}: pre_seq_len={raw['pre_seq_len']} is a P-Tuning v2 checkpoint; "
                           "mindglm does not load prefix encoders yet: use the base model's config")
-    if raw.get("quantization_bit"):
-        raise ConfigError(f"{source}: quantization_bit={raw['quantization_bit']} checkpoints are not "
-                          "supported: convert the unquantized weights")
+    if raw.get("quantization_embeddings"):
+        raise ConfigError(f"{source}: quantization_embeddings=true (int4 embeddings) is not supported: "
+                          "quantize from the fp16 weights with `python -m ckpt_convert --quantize int4`")
     family = detect_family(raw)
     values: dict[str, Any] = {"family": family}
     known = {f.name for f in dataclasses.fields(GLMConfig)}
     for key, value in raw.items():
-        if key in _THUDM_IGNORED:
+        if key in _THUDM_IGNORED or key == "quantization_embeddings":
             continue
         name = _THUDM_RENAMED.get(key, key)
         if name not in known:
             raise ConfigError(f"{source}: unknown config key '{key}'; is this a THUDM ChatGLM config.json?")
         if value is None and name not in ("eos_token_id", "bos_token_id", "pad_token_id",
-                                          "mask_token_id", "gmask_token_id", "rope_ratio"):
+                                          "mask_token_id", "gmask_token_id", "rope_ratio", "quantization_bit"):
             raise ConfigError(f"{source}: config key '{key}' is null")
         if value is None:
             continue
@@ -245,6 +269,7 @@ _FIELD_TYPES = {
     "pad_token_id": (int, type(None)), "mask_token_id": (int, type(None)),
     "gmask_token_id": (int, type(None)), "compute_dtype": str, "param_dtype": str,
     "use_past": bool, "use_flash_attention": bool, "prefill_buckets": list,
+    "quantization_bit": int, "quantize_output": bool, "weight_dtype": (str, type(None)), "linear_backend": str,
 }
 
 

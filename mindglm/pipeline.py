@@ -6,19 +6,17 @@
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Optional
 
 import numpy as np
-from mindspore import Tensor
 
 from mindglm import chat
 from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
 from mindglm.engine.model_runner import int_tensor
 from mindglm.generation.config import GenerationConfig
-from mindglm.io.weights import iter_mindglm_tensors
+from mindglm.loading import build_loaded_network, load_weights, with_quantize  # noqa: F401 (load_weights: API)
 from mindglm.models import family_module
 from mindglm.yaml_config import RunConfig, load_run_config
 
@@ -212,43 +210,12 @@ def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_weights(network, tensors, source: str) -> None:
-    """Copy (name, array) pairs into the network's parameters; names and shapes must all match."""
-    params = {p.name: p for p in network.get_parameters() if ".cache." not in p.name}
-    seen = set()
-    for name, array in tensors:
-        param = params.get(name)
-        if param is None:
-            raise ConfigError(f"{source}: tensor '{name}' has no place in the {network.config.family} network; "
-                              "is the checkpoint for another model family or size?")
-        if tuple(array.shape) != tuple(param.shape):
-            raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, the config says "
-                              f"{tuple(param.shape)}: the checkpoint and the model config disagree")
-        param.set_data(Tensor(np.asarray(array, np.float32), param.dtype))
-        seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        listed = ", ".join(f"'{name}'" for name in missing[:3]) + (" and others" if len(missing) > 3 else "")
-        raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s) ({listed}); "
-                          "it is incomplete or for another model")
-
-
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
                 engine: Optional[EngineConfig] = None) -> GLMModel:
-    """Build `config`'s network and load weights from `source`: a .ckpt (mindglm or MindFormers
-    names) or a THUDM dir — whose single converted .ckpt wins over converting on the fly."""
-    if source is None:
-        raise ConfigError("no checkpoint given; convert THUDM weights with "
-                          "`python -m ckpt_convert --src <HF dir> --dst model.ckpt` and pass it as the checkpoint")
-    if not os.path.exists(source):
-        raise ConfigError(f"checkpoint {source} does not exist; convert one with "
-                          "`python -m ckpt_convert --src <THUDM dir> --dst model.ckpt`")
-    if os.path.isdir(source):
-        ckpts = sorted(glob.glob(os.path.join(source, "*.ckpt")))
-        if len(ckpts) == 1:
-            source = ckpts[0]
-    network = family_module(config).build_network(config)
-    load_weights(network, iter_mindglm_tensors(source, config), source)
+    """Build `config`'s network, rewrite it for its weight format and load weights from `source`:
+    a .ckpt (mindglm or MindFormers names) or a THUDM dir — whose single converted .ckpt wins over
+    converting on the fly (mindglm/loading.py)."""
+    network, config = build_loaded_network(config, source)
     return GLMModel(config, network, generation, engine)
 
 
@@ -258,7 +225,7 @@ def load_run_model(run: RunConfig) -> GLMModel:
 
 
 def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
-               use_past: Optional[bool] = None) -> GLMModel:
+               use_past: Optional[bool] = None, quantize: Optional[str] = None) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
@@ -266,6 +233,8 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     checkpoint: an explicit .ckpt (mindglm or MindFormers names) or THUDM dir.
     dtype: compute and parameter dtype; None (the default) keeps the config's (a YAML's
     model_config, or float32 for a THUDM dir); use_past: the KV-cache path.
+    quantize: "int8" / "int4" (THUDM's weight-only formats, quantized on load from fp weights) or
+    "fp16" (Linear weights stored in fp16, multiplied in float32); None keeps the checkpoint's.
     """
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
@@ -284,4 +253,4 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past
-    return build_model(config, checkpoint or weights, generation, engine)
+    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine)

@@ -8,6 +8,10 @@ one after another (continuous batching: the tokens/s once all run, and the first
 of one joining a running batch against its prefill time + one decode step), the graphs compiled
 after warm-up, the KV cache's size and peak RSS.
 
+--quantize int8|int4|fp16|fp32 builds mindglm with that weight format (fp32/fp16 through the CPU
+kernels; default: fp32 weights and MindSpore's MatMul). --compare-cpp runs tools/bench_cpp.py
+instead: batch-1 decode of each format against chatglm.cpp q8_0/q4_0/f16/f32 in the same run.
+
 With --compare-torch, transformers' GlmForCausalLM (the same network, see the fixtures README,
 "A second oracle for ChatGLM2/3") runs the same prompts with the same weights. Its greedy tokens
 must equal mindglm's (exit status 1 otherwise); the JSON gets mindglm/torch speed ratios.
@@ -18,6 +22,8 @@ median decode step over all runs. Prints one JSON object at the end.
 
     python tools/bench_generate.py --config tiny
     python tools/bench_generate.py --config small --compare-torch
+    python tools/bench_generate.py --config small --quantize int4
+    python tools/bench_generate.py --config small --compare-cpp
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
 from mindglm.requirements import require_packages  # noqa: E402
 
@@ -76,12 +83,10 @@ def random_weights(config, seed: int) -> dict:
     return weights
 
 
-def build_mindglm(config, weights):
-    from mindglm.models import family_module
-    from mindglm.pipeline import GLMModel, load_weights
-    network = family_module(config).build_network(config)
-    load_weights(network, weights.items(), "random")
-    return GLMModel(config, network)
+def build_mindglm(config, weights, fmt=None):
+    """Build -> rewrite (the weight format) -> load, as mindglm.load_model does."""
+    from bench_cpp import PAIRS, build_mindglm as build_format
+    return build_format(config, weights, fmt or "matmul")
 
 
 def build_torch(config, weights):
@@ -357,6 +362,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="MindSpore CPU kernel threads and torch.set_num_threads (default: library defaults)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=("int8", "int4", "fp16", "fp32"), default=None,
+                        help="mindglm's weight format (fp32/fp16: CPU kernels); default fp32 + MindSpore MatMul")
+    parser.add_argument("--compare-cpp", action="store_true",
+                        help="batch-1 decode against chatglm.cpp at the same precision, for --quantize or "
+                             "all four formats (needs chatglm-cpp==0.4.2 and torch)")
+    parser.add_argument("--tokenizer", default=os.path.join(REPO, "tests", "fixtures", "tokenizers", "tokenizer.model"),
+                        help="with --compare-cpp: the ChatGLM2 tokenizer.model written into chatglm.cpp's file")
     args = parser.parse_args(argv)
     if args.compare_torch:
         from mindglm.requirements import missing_packages
@@ -383,8 +395,21 @@ def main(argv=None) -> int:
 
     report["random_weights_s"], weights = timed(random_weights, config, args.seed)
     n_params = sum(a.size for a in weights.values())
-    report.update(parameters=int(n_params), weights_gb_fp32=n_params * 4 / 1e9)
-    report["build_and_load_s"], model = timed(build_mindglm, config, weights)
+    report.update(parameters=int(n_params), weights_gb_fp32=n_params * 4 / 1e9, quantize=args.quantize)
+    if args.compare_cpp:
+        from bench_cpp import compare
+        from mindglm.kernels.build import kernels_have_simd
+        prompt = np.random.default_rng(args.seed + 1).integers(3, config.vocab_size, (1, args.prompt_len))
+        formats = [args.quantize] if args.quantize else ["fp32", "fp16", "int8", "int4", "matmul"]
+        report["kernels_simd"] = kernels_have_simd()
+        report["compare_cpp"] = compare(config, weights, formats, prompt, args.new_tokens, args.repeats,
+                                        args.tokenizer, load_average)
+        report["ratios"] = {fmt: entry["ratio"] for fmt, entry in report["compare_cpp"].items()}
+        report["peak_rss_mb"] = peak_rss_mb()
+        report["load_average_end"] = load_average()
+        print(json.dumps(report, indent=1, default=float))
+        return 0
+    report["build_and_load_s"], model = timed(build_mindglm, config, weights, args.quantize)
 
     rng = np.random.default_rng(args.seed + 1)
     prompt1 = rng.integers(3, config.vocab_size, (1, args.prompt_len), dtype=np.int64)

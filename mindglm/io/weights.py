@@ -4,16 +4,19 @@ Run-time library code (load_model uses it); the `ckpt_convert` CLI writes what t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from mindglm.checkpoint import CheckpointError, Plan, build_target, detect_source, plan_to_mindglm
+from mindglm.checkpoint import (CheckpointError, Plan, build_target, detect_family, detect_source, packed_columns,
+                                plan_to_mindglm, quantized_module, stored_quantization)
 from mindglm.config import GLMConfig
 from mindglm.io.sources import list_tensors
 from mindglm.io.tensors import BufferPool, cast, parse_dtype, to_numpy
+from mindglm.weight_formats import quantize_rows
 
 ConfigArg = Union[GLMConfig, str, None]
 Progress = Optional[Callable[[int, int, str, np.ndarray], None]]
@@ -45,15 +48,53 @@ class _Conversion:
         if self.config is None and need_config and source != "mindglm":
             raise CheckpointError(f"no config.json found next to {src}: pass --config with the model's "
                                   "THUDM config.json (or its directory)")
-        self.plan: Plan = plan_to_mindglm(shapes, self.config, source,
+        family = self.config.family if self.config is not None else detect_family(shapes)
+        int_names = {name for name, t in self.tensors.items() if t.dtype.name == "int8"}
+        # How the files store the matrices, whatever the model will be built as (the loader
+        # quantizes float weights for a quantized model; see mindglm/loading.py).
+        self.bits, self.output_quantized = stored_quantization(
+            shapes, int_names, family, source, self.config.hidden_size if self.config is not None else None)
+        stored = self.config
+        if stored is not None:
+            stored = dataclasses.replace(stored, quantization_bit=self.bits, quantize_output=self.output_quantized)
+        self.plan: Plan = plan_to_mindglm(shapes, stored, source, family=family,
                                           config_source=self.config_path or "the model config")
 
-    def stream(self, dtype: Optional[str] = None, reuse: bool = False) -> Iterator:
+    def quantizes(self, name: str, bits: int, quantize_output: bool) -> bool:
+        """Does stream(quantize=bits) turn mindglm tensor `name` into int weights + scales?"""
+        return bool(bits) and not self.bits and name.endswith(".weight") and \
+            quantized_module(name[: -len(".weight")], quantize_output)
+
+    def check_quantize(self, bits: int) -> None:
+        if bits and self.bits and bits != self.bits:
+            raise CheckpointError(f"{self.src} is already int{self.bits}-quantized; quantizing it to int{bits} "
+                                  "would round twice: start from the fp16/bf16 weights")
+
+    def specs(self, dtype: Optional[str] = None, bits: int = 0, quantize_output: bool = False) -> list:
+        """(mindglm name, shape, dtype name) of every tensor stream() yields with these settings."""
+        self.check_quantize(bits)
+        out = []
+        for target in self.plan.targets:
+            source_dtype = self.tensors[target.pieces[0].source].dtype
+            if self.quantizes(target.name, bits, quantize_output):
+                rows, cols = target.shape
+                out.append((target.name, (rows, packed_columns(cols, bits)), "int8"))
+                out.append((target.name + "_scale", (rows,), "float16"))
+                continue
+            keep = not dtype or not source_dtype.is_float or target.name.endswith(".weight_scale")
+            out.append((target.name, target.shape, source_dtype.name if keep else dtype))
+        return out
+
+    def stream(self, dtype: Optional[str] = None, reuse: bool = False, bits: int = 0,
+               quantize_output: bool = False) -> Iterator:
         """Yield (mindglm name, array cast to `dtype`) in plan order; bfloat16 stays uint16 bits.
 
+        bits 8 or 4 quantizes the layers' float matrices THUDM's way (mindglm/weight_formats.py),
+        each followed by its `.weight_scale` (fp16, like THUDM's, whatever `dtype` says).
         reuse=True hands out views of two reusable buffers (read, cast), each valid only until
         the next tensor: for consumers that write each array out before asking for the next.
         """
+        self.check_quantize(bits)
         read_pool, cast_pool = (BufferPool(), BufferPool()) if reuse else (None, None)
         digests = {}
         tied = {p.target for p in self.plan.tied}
@@ -64,7 +105,14 @@ class _Conversion:
             del arrays
             if target.name in tied:
                 digests[target.name] = _digest(array)
-            yield target.name, cast(array, dtype, cast_pool)
+            if self.quantizes(target.name, bits, quantize_output):
+                q, scale = quantize_rows(to_numpy(array), bits)
+                yield target.name, q
+                yield target.name + "_scale", scale
+            elif target.name.endswith(".weight_scale"):
+                yield target.name, array
+            else:
+                yield target.name, cast(array, dtype, cast_pool)
             del array
         for piece in self.plan.tied:
             if _digest(self.tensors[piece.source].load(read_pool)) != digests[piece.target]:

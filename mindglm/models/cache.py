@@ -23,6 +23,8 @@ from mindspore.common.initializer import initializer
 class KVCache(nn.Cell):
     """Keys and values of one layer for `rows` rows of `max_len` slots."""
 
+    parameter_group = "cache"  # runtime state, not weights: the loader skips it (mindglm/loading.py)
+
     def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, name: str = "cache"):
         super().__init__()
         self.max_len = max_len

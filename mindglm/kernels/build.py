@@ -1,0 +1,113 @@
+"""Compile the C++ kernels of this folder on first use and cache the shared library.
+
+The library is keyed by the source, the compiler's version and the CPU features it is built
+for, and lives in the user's cache dir (`$MINDGLM_CACHE_DIR`, else `$XDG_CACHE_HOME/mindglm`,
+else `~/.cache/mindglm`), so a second process (or a CPU upgrade) finds the right one.
+Nothing is downloaded: g++ (or `$CXX`) is the only tool needed, found at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+
+from mindglm.config import ConfigError
+
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ("linear.cc",)
+# The SIMD path needs all three; without them the same source builds its scalar loops.
+SIMD_FEATURES = ("avx2", "fma", "f16c")
+PORTABLE_HINT = ("or build the model with the portable backend (dequantize + MatMul, slower): "
+                 "model.model_config.linear_backend: portable in YAML, linear_backend=\"portable\" in "
+                 "GLMConfig")
+
+
+class KernelBuildError(ConfigError):
+    """The CPU kernels cannot be built here; the message names the cause and the way out (a
+    ConfigError, so the front ends print it as one line like any other setup mistake)."""
+
+
+def cpu_features() -> frozenset:
+    """The x86 feature flags of this CPU (empty where /proc/cpuinfo has none, e.g. on ARM)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def compile_flags(features=None) -> list:
+    """-march=native with AVX2/FMA/F16C (the kernels' SIMD path), else a portable -O3 build."""
+    features = cpu_features() if features is None else features
+    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+    if all(f in features for f in SIMD_FEATURES):
+        flags.append("-march=native")
+    return flags
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MINDGLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mindglm")
+    return os.path.join(root, "kernels")
+
+
+def find_compiler() -> str:
+    compiler = os.environ.get("CXX", "g++")
+    path = shutil.which(compiler)
+    if path is None:
+        raise KernelBuildError(f"mindglm's CPU kernels are compiled on first use, but the C++ compiler "
+                               f"'{compiler}' was not found on PATH: install g++ (e.g. `apt-get install g++`) "
+                               f"or point $CXX at one, {PORTABLE_HINT}")
+    return path
+
+
+@lru_cache(maxsize=None)
+def library_path() -> str:
+    """Path of the built kernel library, compiling it if this source/compiler/CPU has none yet."""
+    compiler = find_compiler()
+    flags = compile_flags()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(KERNEL_DIR, name), "rb") as fh:
+            digest.update(fh.read())
+    digest.update(" ".join(flags).encode() + version.encode())
+    digest.update(" ".join(sorted(cpu_features() & set(SIMD_FEATURES + ("avx512f",)))).encode())
+    folder = os.path.join(cache_dir(), digest.hexdigest()[:16])
+    target = os.path.join(folder, "mindglm_kernels.so")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # built under a temp name, then renamed
+    os.close(fd)
+    command = [compiler, *flags, "-o", tmp, *(os.path.join(KERNEL_DIR, s) for s in SOURCES)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"compiling mindglm's CPU kernels failed ({' '.join(command)}):\n"
+                                   f"{result.stderr.strip()[-2000:]}\nfix the compiler setup, {PORTABLE_HINT}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def kernel_counters(reset: bool = False) -> tuple:
+    """(seconds spent inside the kernels, calls) in this process since the last reset; for the
+    benchmarks' breakdown of a decode step (kernel time vs MindSpore's own ops and launches)."""
+    import ctypes
+    lib = ctypes.CDLL(library_path())  # the handle MindSpore opened: same counters
+    lib.MindglmKernelNanos.restype = lib.MindglmKernelCalls.restype = ctypes.c_int64
+    return lib.MindglmKernelNanos(int(reset)) / 1e9, lib.MindglmKernelCalls(int(reset))
+
+
+def kernels_have_simd() -> bool:
+    import ctypes
+    return bool(ctypes.CDLL(library_path()).MindglmKernelsSimd())

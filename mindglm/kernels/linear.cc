@@ -1,0 +1,367 @@
+// Weight-only linear layers for MindSpore's CPU backend (ops.Custom, func_type="aot").
+//
+//   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]  (+ bias[n])
+//
+// x and y are float32; w is float32, float16, int8, or int4 packed two per byte along k
+// (THUDM's layout: column 2j in the high nibble, 2j+1 in the low one). The weights are
+// converted to float32 in registers inside the dot product and never written out dequantized:
+// decode (one row of x) is bound by the bytes of w, so reading 1 or 0.5 byte per weight instead
+// of 4 is the whole point. Accumulation is float32, scale and bias are applied once per output.
+//
+// Work is split over output rows. The threads are our own, persistent, and spin briefly before
+// sleeping: OpenMP's team wake-up cost ~45 us per call on 2 cores next to MindSpore's own pool
+// (32 chained calls: +1.5 ms with 2 OpenMP threads against +0.09 ms with 1), more than a small
+// matrix takes to multiply. Small matrices run on the calling thread alone.
+//
+// Every entry point has MindSpore's AOT signature; inputs are (x, w[, scale][, bias]), the last
+// param is the output. Built by mindglm/kernels/build.py (g++, AVX2/FMA/F16C when present).
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MG_AVX2 1
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------- threads
+class Pool {
+ public:
+  Pool() {
+    const char* env = std::getenv("MINDGLM_KERNEL_THREADS");
+    int n = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
+    threads_ = n < 1 ? 1 : (n > 64 ? 64 : n);
+    const char* spin = std::getenv("MINDGLM_KERNEL_SPIN");
+    spin_ = spin ? std::atoi(spin) : 2000;
+    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { Loop(t); });
+  }
+  ~Pool() {
+    stop_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int threads() const { return threads_; }
+
+  // Runs fn(ctx, t, tasks) for t in [0, tasks) with tasks <= threads(); returns when all are done.
+  // A call that finds the pool busy (MindSpore may launch two kernels at once) runs alone.
+  void Run(int tasks, void (*fn)(void*, int, int), void* ctx) {
+    if (tasks <= 1 || busy_.exchange(true, std::memory_order_acquire)) { fn(ctx, 0, 1); return; }
+    fn_ = fn; ctx_ = ctx; tasks_ = tasks;
+    pending_.store(tasks - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    generation_.notify_all();
+    fn(ctx, 0, tasks);
+    // Wait for the others: spin briefly, then sleep (a descheduled worker must not cost a core).
+    for (int spin = 0; spin < spin_ && pending_.load(std::memory_order_acquire) != 0; ++spin) Pause();
+    for (int left; (left = pending_.load(std::memory_order_acquire)) != 0;) pending_.wait(left);
+    busy_.store(false, std::memory_order_release);
+  }
+
+ private:
+  static void Pause() {
+#ifdef MG_AVX2
+    _mm_pause();
+#endif
+  }
+  void Loop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin a little (back-to-back kernels of one decode step are microseconds apart), then
+      // sleep on a futex: on a loaded machine, a spinning thread steals the core the caller needs.
+      uint64_t now = generation_.load(std::memory_order_acquire);
+      for (int spin = 0; now == seen && spin < spin_; ++spin) {
+        Pause();
+        now = generation_.load(std::memory_order_acquire);
+      }
+      if (now == seen) { generation_.wait(seen); continue; }
+      seen = now;
+      if (stop_.load()) return;
+      if (t < tasks_) {
+        fn_(ctx_, t, tasks_);
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) pending_.notify_all();
+      }
+    }
+  }
+  int threads_ = 1;
+  int spin_ = 2000;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> busy_{false};
+  void (*fn_)(void*, int, int) = nullptr;
+  void* ctx_ = nullptr;
+  int tasks_ = 0;
+};
+
+Pool& pool() {
+  static Pool instance;
+  return instance;
+}
+
+// Below this many weight bytes a matrix is multiplied on the calling thread only: waking a
+// second thread costs more than it saves.
+int64_t ParallelBytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MINDGLM_KERNEL_PARALLEL_BYTES");
+    return env ? std::atoll(env) : int64_t(256) * 1024;
+  }();
+  return bytes;
+}
+
+// ------------------------------------------------------------------------------- formats
+float HalfToFloat(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int shift = 0;
+    while (!(man & 0x400)) { man <<= 1; ++shift; }
+    bits = sign | ((113 - shift) << 23) | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Each format reads weight row `row` (its `Stride()` elements of storage) against MB rows of x.
+// `x` points at MB rows of `ldx` floats; int4 expects x already split into even and odd columns
+// (first K/2 floats of a row: the even columns, next K/2: the odd ones).
+struct F32 { using T = float; };
+struct F16 { using T = uint16_t; };
+struct I8 { using T = int8_t; };
+struct I4 { using T = int8_t; };
+
+template <class F> struct Dot;
+
+#ifdef MG_AVX2
+inline float HSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 Load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 Load8(const uint16_t* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline __m256 Load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+#endif
+inline float Scalar(float w) { return w; }
+inline float Scalar(uint16_t w) { return HalfToFloat(w); }
+inline float Scalar(int8_t w) { return float(w); }
+
+// Dense formats: one weight per element.
+template <class F, int MB>
+void DotDense(const typename F::T* w, const float* x, int64_t ldx, int64_t k, float* out) {
+  int64_t i = 0;
+#ifdef MG_AVX2
+  constexpr int U = MB == 1 ? 4 : 2;  // independent accumulators per row hide FMA latency
+  __m256 acc[MB][U];
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+  for (; i + 8 * U <= k; i += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m256 wv = Load8(w + i + 8 * u);
+      for (int m = 0; m < MB; ++m)
+        acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i + 8 * u), acc[m][u]);
+    }
+  }
+  for (; i + 8 <= k; i += 8) {
+    __m256 wv = Load8(w + i);
+    for (int m = 0; m < MB; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + i), acc[m][0]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 s = acc[m][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[m][u]);
+    out[m] = HSum(s);
+  }
+#else
+  for (int m = 0; m < MB; ++m) out[m] = 0.0f;
+#endif
+  for (; i < k; ++i) {
+    float wv = Scalar(w[i]);
+    for (int m = 0; m < MB; ++m) out[m] += wv * x[m * ldx + i];
+  }
+}
+
+// int4: `half` = K/2 packed bytes per row; x rows hold [even columns | odd columns].
+template <int MB>
+void DotInt4(const int8_t* w, const float* x, int64_t ldx, int64_t half, float* out) {
+  int64_t j = 0;
+#ifdef MG_AVX2
+  __m256 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (; j + 8 <= half; j += 8) {
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));                          // column 2j
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));  // column 2j+1
+    for (int m = 0; m < MB; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldx + j), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldx + half + j), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m] = HSum(_mm256_add_ps(acc[m][0], acc[m][1]));
+#else
+  for (int m = 0; m < MB; ++m) out[m] = 0.0f;
+#endif
+  for (; j < half; ++j) {
+    int byte = w[j];
+    float hi = float(byte >> 4), lo = float(int8_t(byte << 4) >> 4);
+    for (int m = 0; m < MB; ++m) out[m] += hi * x[m * ldx + j] + lo * x[m * ldx + half + j];
+  }
+}
+
+// ------------------------------------------------------------------------------- GEMM
+struct Job {
+  const float* x;      // [M, ldx]
+  int64_t ldx;
+  const void* w;       // [N, stride] elements of the format
+  int64_t stride, k;   // storage per weight row; reduction length handed to the dot
+  const float* scale;  // [N] or null
+  const float* bias;   // [N] or null
+  float* y;            // [M, N]
+  int64_t m, n;
+};
+
+template <class F, int MB>
+inline void DotRows(const Job& job, int64_t row, int64_t m0, float* out) {
+  const auto* w = static_cast<const typename F::T*>(job.w) + row * job.stride;
+  if constexpr (std::is_same<F, I4>::value)
+    DotInt4<MB>(w, job.x + m0 * job.ldx, job.ldx, job.k, out);
+  else
+    DotDense<F, MB>(w, job.x + m0 * job.ldx, job.ldx, job.k, out);
+}
+
+template <class F>
+void Slice(void* ctx, int t, int tasks) {
+  const Job& job = *static_cast<const Job*>(ctx);
+  // Contiguous blocks of output rows, multiples of 8 so threads never share a cache line of y.
+  int64_t per = ((job.n + tasks - 1) / tasks + 7) / 8 * 8;
+  int64_t begin = per * t, end = begin + per < job.n ? begin + per : job.n;
+  for (int64_t row = begin; row < end; ++row) {
+    float s = job.scale ? job.scale[row] : 1.0f, b = job.bias ? job.bias[row] : 0.0f;
+    int64_t m0 = 0;
+    float out[4];
+    for (; m0 + 4 <= job.m; m0 += 4) {
+      DotRows<F, 4>(job, row, m0, out);
+      for (int i = 0; i < 4; ++i) job.y[(m0 + i) * job.n + row] = out[i] * s + b;
+    }
+    for (; m0 < job.m; ++m0) {
+      DotRows<F, 1>(job, row, m0, out);
+      job.y[m0 * job.n + row] = out[0] * s + b;
+    }
+  }
+}
+
+// Time spent inside the kernels, for the benchmark's breakdown (two clock reads per call).
+std::atomic<int64_t> kernel_nanos{0};
+std::atomic<int64_t> kernel_calls{0};
+
+template <class F>
+int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled);
+
+template <class F>
+int Launch(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
+  auto start = std::chrono::steady_clock::now();
+  int status = LaunchTimed<F>(nparam, params, ndims, shapes, scaled);
+  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  return status;
+}
+
+template <class F>
+int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
+  // params: x [M, K], w [N, stride], scale [N] (scaled formats), bias [N] (optional), y [M, N]
+  int inputs = nparam - 1;
+  int expected = scaled ? 3 : 2;
+  if (inputs != expected && inputs != expected + 1) return 1;
+  if (ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 2;
+  Job job{};
+  job.m = shapes[0][0];
+  int64_t k = shapes[0][1];
+  job.n = shapes[1][0];
+  job.stride = shapes[1][1];
+  job.w = params[1];
+  job.scale = scaled ? static_cast<const float*>(params[2]) : nullptr;
+  job.bias = inputs == expected + 1 ? static_cast<const float*>(params[expected]) : nullptr;
+  job.y = static_cast<float*>(params[nparam - 1]);
+  const float* x = static_cast<const float*>(params[0]);
+  int64_t bytes_per_row;
+  thread_local std::vector<float> split;
+  if (std::is_same<F, I4>::value) {
+    if (k != 2 * job.stride) return 3;
+    // Split x into even / odd columns once, so the int4 dot reads both nibbles of a byte
+    // against contiguous floats.
+    split.resize(static_cast<size_t>(job.m * k));
+    for (int64_t m = 0; m < job.m; ++m) {
+      const float* src = x + m * k;
+      float* dst = split.data() + m * k;
+      for (int64_t j = 0; j < job.stride; ++j) {
+        dst[j] = src[2 * j];
+        dst[job.stride + j] = src[2 * j + 1];
+      }
+    }
+    x = split.data();
+    job.k = job.stride;
+    bytes_per_row = job.stride;
+  } else {
+    if (k != job.stride) return 3;
+    job.k = k;
+    bytes_per_row = k * int64_t(sizeof(typename F::T));
+  }
+  job.x = x;
+  job.ldx = k;
+  int tasks = 1;
+  if (job.n * bytes_per_row * (job.m < 4 ? 1 : 4) >= ParallelBytes()) {
+    int64_t by_rows = (job.n + 7) / 8;
+    tasks = pool().threads() < by_rows ? pool().threads() : static_cast<int>(by_rows);
+  }
+  pool().Run(tasks, &Slice<F>, &job);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int MatmulF32(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  return Launch<F32>(nparam, params, ndims, shapes, false);
+}
+int MatmulF16(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  return Launch<F16>(nparam, params, ndims, shapes, false);
+}
+int MatmulInt8(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  return Launch<I8>(nparam, params, ndims, shapes, true);
+}
+int MatmulInt4(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  return Launch<I4>(nparam, params, ndims, shapes, true);
+}
+// Nanoseconds spent in the kernels and number of calls since the last reset (benchmarks).
+int64_t MindglmKernelNanos(int reset) {
+  return reset ? kernel_nanos.exchange(0) : kernel_nanos.load();
+}
+int64_t MindglmKernelCalls(int reset) {
+  return reset ? kernel_calls.exchange(0) : kernel_calls.load();
+}
+// The kernels' compile-time capabilities, for tests and the benchmark report.
+int MindglmKernelsSimd() {
+#ifdef MG_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+}

@@ -1,0 +1,158 @@
+"""Loading weights into a built (and rewritten) network: the network is the schema.
+
+Every parameter is found by its path in `parameters_and_names()`; the cell that owns it decides
+how a checkpoint tensor fills it. A cell with `load_parameter(local, array, name)` (a quantized
+linear layer: quantize, pack, or copy int weights) does it itself and says which of its
+parameters it filled; every other parameter is copied, cast once to the parameter's own dtype
+(fp16 weights go into fp16 parameters untouched, never through float32).
+
+Cells whose parameters are runtime state rather than weights (KV caches) declare a
+`parameter_group` other than "weights" and are skipped. A `WeightLoader` can take tensors from
+several sources (base weights, then adapters) before `finish()` checks nothing is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+from mindspore import Tensor
+
+from mindglm.checkpoint import CheckpointError
+from mindglm.config import ConfigError, GLMConfig
+
+WEIGHTS = "weights"
+
+
+def parameter_group(cell) -> str:
+    """'weights' for checkpoint-loaded parameters; cells holding runtime state say otherwise."""
+    return getattr(cell, "parameter_group", WEIGHTS)
+
+
+def weight_slots(network, group: str = WEIGHTS) -> dict:
+    """{parameter path: (owning cell, local name, Parameter)} for the parameters in `group`."""
+    slots = {}
+    for path, cell in network.cells_and_names():
+        if parameter_group(cell) != group:
+            continue
+        for local, param in cell.parameters_and_names(expand=False):
+            slots[f"{path}.{local}" if path else local] = (cell, local, param)
+    return slots
+
+
+class WeightLoader:
+    """Fills a network's weights from one or more sources of (mindglm name, numpy array)."""
+
+    def __init__(self, network):
+        self.network = network
+        self.slots = weight_slots(network)
+        self.filled = set()
+
+    def load(self, tensors: Iterable, source: str) -> None:
+        family = getattr(getattr(self.network, "config", None), "family", "this")
+        for name, array in tensors:
+            slot = self.slots.get(name)
+            if slot is None:
+                raise ConfigError(f"{source}: tensor '{name}' has no place in the {family} network; "
+                                  "is the checkpoint for another model family or size?")
+            cell, local, param = slot
+            prefix = name[: len(name) - len(local)]
+            if hasattr(cell, "load_parameter"):
+                try:
+                    done = cell.load_parameter(local, array, name)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{source}: {exc}") from None
+            else:
+                copy_into(param, array, name, source)
+                done = [local]
+            self.filled.update(prefix + d for d in done)
+
+    def missing(self) -> list:
+        return sorted(set(self.slots) - self.filled)
+
+    def finish(self, source: str) -> None:
+        """Every weight must have been filled by some source."""
+        missing = self.missing()
+        if missing:
+            listed = ", ".join(f"'{name}'" for name in missing[:3]) + (" and others" if len(missing) > 3 else "")
+            raise ConfigError(f"{source}: checkpoint lacks {len(missing)} tensor(s) ({listed}); "
+                              "it is incomplete or for another model")
+
+
+def copy_into(param, array: np.ndarray, name: str, source: str) -> None:
+    """Copy `array` into `param` (same shape), converted once to the parameter's dtype."""
+    if tuple(array.shape) != tuple(param.shape):
+        raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, the config says "
+                          f"{tuple(param.shape)}: the checkpoint and the model config disagree")
+    param.set_data(Tensor(np.ascontiguousarray(array), param.dtype))
+
+
+def load_weights(network, tensors, source: str, partial: bool = False) -> WeightLoader:
+    """Load (name, array) pairs into `network`; unless `partial`, every weight must be present."""
+    loader = WeightLoader(network)
+    loader.load(tensors, source)
+    if not partial:
+        loader.finish(source)
+    return loader
+
+
+# ---------------------------------------------------------------------------------- build order
+QUANTIZE = {"int8": {"quantization_bit": 8}, "int4": {"quantization_bit": 4}, "fp16": {"weight_dtype": "float16"}}
+
+
+def with_quantize(config: GLMConfig, quantize: Optional[str]) -> GLMConfig:
+    """`config` with the weight format of load_model's `quantize` ("int8", "int4", "fp16", None)."""
+    if quantize is None:
+        return config
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)} (or None)")
+    return dataclasses.replace(config, **QUANTIZE[quantize])
+
+
+def resolve_source(source: Optional[str]) -> str:
+    """The weights to read: a .ckpt, or a THUDM dir (whose single converted .ckpt wins)."""
+    if source is None:
+        raise ConfigError("no checkpoint given; convert THUDM weights with "
+                          "`python -m ckpt_convert --src <HF dir> --dst model.ckpt` and pass it as the checkpoint")
+    if not os.path.exists(source):
+        raise ConfigError(f"checkpoint {source} does not exist; convert one with "
+                          "`python -m ckpt_convert --src <THUDM dir> --dst model.ckpt`")
+    if os.path.isdir(source):
+        ckpts = sorted(glob.glob(os.path.join(source, "*.ckpt")))
+        if len(ckpts) == 1:
+            return ckpts[0]
+    return source
+
+
+def adopt_stored_format(config: GLMConfig, bits: int, output_quantized: bool, source: str) -> GLMConfig:
+    """The model config, quantized like the checkpoint when the config does not say otherwise.
+
+    A quantized checkpoint cannot become a float model or another bit width (its fp weights are
+    gone); float weights can always be quantized on load."""
+    if not bits:
+        return config
+    if config.quantization_bit and config.quantization_bit != bits:
+        raise ConfigError(f"{source} holds int{bits} weights but the model is configured for "
+                          f"int{config.quantization_bit}: requantizing loses accuracy twice; quantize from the "
+                          "fp weights instead (`python -m ckpt_convert --quantize ...`) or drop quantization_bit")
+    return dataclasses.replace(config, quantization_bit=bits,
+                               quantize_output=config.quantize_output or output_quantized)
+
+
+def build_loaded_network(config: GLMConfig, source: Optional[str]):
+    """(network, config): build `config`'s network, rewrite its Linear cells for the weight format,
+    then load the weights of `source` into it (gpt-fast's build -> rewrite -> load order)."""
+    from mindglm.io.tensors import to_numpy
+    from mindglm.io.weights import _Conversion
+    from mindglm.models import family_module
+    from mindglm.quantize import quantize_network
+
+    source = resolve_source(source)
+    conversion = _Conversion(source, config, need_config=True)
+    config = adopt_stored_format(config, conversion.bits, conversion.output_quantized, source)
+    network = family_module(config).build_network(config)
+    quantize_network(network, config)
+    load_weights(network, ((name, to_numpy(array)) for name, array in conversion.stream()), source)
+    return network, config

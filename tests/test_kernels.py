@@ -1,0 +1,164 @@
+"""The CPU kernels (mindglm/kernels, ops.Custom aot) against numpy, the portable path against the
+kernels, the Ascend call's argument layout, and the rewrite/loader that puts them in a network."""
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from mindspore import Tensor, nn, ops  # noqa: E402
+
+from mindglm.config import GLMConfig  # noqa: E402
+from mindglm.loading import WeightLoader, load_weights, weight_slots  # noqa: E402
+from mindglm.models import family_module  # noqa: E402
+from mindglm.models.layers import Linear  # noqa: E402
+from mindglm.quantize import WeightLinear, quantize_network  # noqa: E402
+from mindglm.rewrite import replace_cell  # noqa: E402
+from mindglm.weight_formats import dequantize, pack_int4_along_n, quantize_rows, unpack_int4  # noqa: E402
+
+RNG = np.random.default_rng(14)
+
+
+def reference(x, fmt, weight, scale, bias):
+    """numpy float64 y = x @ W^T (+ b) for the layer's stored weights."""
+    if fmt in ("int8", "int4"):
+        w = dequantize(weight, scale, int(fmt[-1])).astype(np.float64)
+    else:
+        w = weight.astype(np.float64)
+    y = x.astype(np.float64) @ w.T
+    return y if bias is None else y + bias
+
+
+def layer(in_features, out_features, fmt, backend, bias=True):
+    """A WeightLinear filled from a random float matrix (quantized THUDM's way for int formats)."""
+    cell = WeightLinear(in_features, out_features, bias, fmt, backend)
+    w = RNG.standard_normal((out_features, in_features)).astype(np.float32)
+    b = RNG.standard_normal(out_features).astype(np.float32) if bias else None
+    filled = cell.load_parameter("weight", w.astype(np.float16) if fmt == "float16" else w, "w")
+    if bias:
+        cell.load_parameter("bias", b, "b")
+    assert filled == (["weight", "weight_scale"] if fmt.startswith("int") else ["weight"])
+    if fmt.startswith("int"):
+        q, scale = quantize_rows(w, int(fmt[-1]))
+        return cell, (q, scale.astype(np.float32)), b
+    return cell, (w.astype(np.float16) if fmt == "float16" else w, None), b
+
+
+# rows and inputs that are not multiples of the kernels' blocks (8 / 32 columns, 4 rows, 8 outputs)
+SHAPES = [(1, 50, 37), (3, 66, 13), (5, 130, 41), (4, 2, 3)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "float16", "float32"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_match_numpy_on_odd_shapes(fmt, shape, bias):
+    m, k, n = shape
+    cell, (weight, scale), b = layer(k, n, fmt, "kernels", bias)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    got = cell(Tensor(x)).asnumpy()
+    want = reference(x, fmt, weight, scale, b)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    portable = WeightLinear(k, n, bias, fmt, "portable")
+    for local in ("weight", "weight_scale", "bias"):
+        if getattr(cell, local) is not None:
+            getattr(portable, local).set_data(getattr(cell, local).value())
+    np.testing.assert_allclose(portable(Tensor(x)).asnumpy(), got, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "float32"])
+def test_threaded_kernels_and_compiled_graph(fmt):
+    """Big enough to be split over the threads; inside ms.jit with a leading batch axis."""
+    cell, (weight, scale), b = layer(1024, 777, fmt, "kernels")
+
+    class Step(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.linear = cell
+
+        @ms.jit
+        def construct(self, x):
+            return self.linear(x) * 2.0
+
+    x = RNG.standard_normal((2, 3, 1024)).astype(np.float32)
+    got = Step()(Tensor(x)).asnumpy()
+    want = 2 * reference(x.reshape(6, 1024), fmt, weight, scale, b).reshape(2, 3, 777)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_ascend_argument_layout():
+    """WeightQuantBatchMatmul gets x [M,K], int4 weight [K, N/2] (packed along N, low nibble first)
+    or int8 [N, K] with transpose_weight, the scale per output channel in the compute dtype."""
+    for fmt in ("int8", "int4"):
+        cell = WeightLinear(6, 4, True, fmt, "ascend", ms.float16)
+        w = RNG.standard_normal((4, 6)).astype(np.float32)
+        cell.load_parameter("weight", w, "w")
+        cell.load_parameter("bias", np.arange(4, dtype=np.float32), "b")
+        q, scale = quantize_rows(w, int(fmt[-1]))
+        kernel, args, kwargs = cell.matmul.kernel_call(Tensor(np.ones((2, 6), np.float32)), cell.weight,
+                                                       cell.weight_scale, cell.bias)
+        assert kernel is ops.auto_generate.weight_quant_batch_matmul
+        x, weight, antiquant_scale = args
+        assert x.dtype == ms.float16 and antiquant_scale.dtype == ms.float16 and antiquant_scale.shape == (4,)
+        assert kwargs["bias"].shape == (4,) and kwargs["antiquant_offset"] is None
+        values = unpack_int4(q) if fmt == "int4" else q
+        if fmt == "int4":
+            assert weight.shape == (6, 2) and not kwargs["transpose_weight"]
+            np.testing.assert_array_equal(weight.asnumpy(), pack_int4_along_n(values))
+            packed = weight.asnumpy()  # unpack Ascend's layout by hand: low nibble is element 2j
+            low = (packed.astype(np.uint8) << 4).view(np.int8) >> 4
+            kn = np.stack([low, packed >> 4], -1).reshape(6, 4)
+            np.testing.assert_array_equal(kn.T, values)
+        else:
+            assert weight.shape == (4, 6) and kwargs["transpose_weight"]
+            np.testing.assert_array_equal(weight.asnumpy(), values)
+
+
+# ------------------------------------------------------------------ rewrite + loader
+def tiny_config(**changes):
+    values = dict(family="chatglm2", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+                  kv_channels=8, multi_query_group_num=2, ffn_hidden_size=48, seq_length=64)
+    values.update(changes)
+    return GLMConfig(**values)
+
+
+def test_replace_cell_keeps_parameter_names():
+    network = family_module(tiny_config()).build_network(tiny_config())
+    before = [p.name for p in network.get_parameters()]
+    network.layers[0].attention.qkv = Linear(32, 64, True, ms.float32, ms.float32)
+    # MindSpore 2.10: a cell assigned after build is named from its attribute alone
+    assert "qkv.weight" in [p.name for p in network.get_parameters()]
+    replace_cell(network, "layers.0.attention.qkv", Linear(32, 64, True, ms.float32, ms.float32))
+    replace_cell(network, "layers.1", network.layers[1])  # inside a CellList
+    assert [p.name for p in network.get_parameters()] == before
+    assert [name for name, _ in network.parameters_and_names()] == before
+
+
+def test_quantize_rewrite_and_schema():
+    config = tiny_config(quantization_bit=4, quantize_output=True)
+    network = family_module(config).build_network(config)
+    replaced = quantize_network(network, config)
+    assert replaced == [f"layers.{i}.{m}" for i in range(2)
+                        for m in ("attention.qkv", "attention.dense", "mlp.up", "mlp.down")] + ["output"]
+    names = [p.name for p in network.get_parameters()]
+    assert "layers.1.mlp.down.weight_scale" in names and "output.weight_scale" in names
+    assert names == list(weight_slots(network))
+    assert network.layers[1].mlp.down.weight.shape == (32, 24)  # [out, in/2]
+
+
+def test_loader_partial_sources_dtypes_and_caches():
+    config = tiny_config(param_dtype="float16")
+    network = family_module(config).build_network(config)
+    slots = weight_slots(network)
+    arrays = {name: RNG.standard_normal(p.shape).astype(np.float16) for name, (_, _, p) in slots.items()}
+    loader = WeightLoader(network)
+    first = [n for n in arrays if n.startswith("layers.0.")]
+    loader.load(((n, arrays[n]) for n in first), "base")
+    assert loader.missing() and not any(n.startswith("layers.0.") for n in loader.missing())
+    loader.load(((n, a) for n, a in arrays.items() if n not in first), "rest")
+    loader.finish("both")
+    param = network.layers[1].mlp.up.weight
+    assert param.dtype == ms.float16
+    np.testing.assert_array_equal(param.asnumpy(), arrays["layers.1.mlp.up.weight"])
+    network.setup_caches(1, 16)  # caches are runtime state: a later partial load ignores them
+    assert not any(".cache." in n for n in weight_slots(network))
+    load_weights(network, [("final_norm.weight", arrays["final_norm.weight"])], "norm only", partial=True)
+    with pytest.raises(ValueError, match="has no place"):
+        load_weights(network, [("layers.9.mlp.up.weight", arrays["layers.1.mlp.up.weight"])], "x", partial=True)
