@@ -174,6 +174,7 @@ def test_fp16_weights_keep_fp16_storage():
 
 
 def test_yaml_quantization_bit(tmp_path):
+    from mindglm.pipeline import load_run_model
     from mindglm.yaml_config import load_run_config
     config = tmp_path / "q.yaml"
     config.write_text(f"checkpoint: {quant_dir('chatglm2', 'fp16')}\n"
@@ -181,7 +182,7 @@ def test_yaml_quantization_bit(tmp_path):
                       "context:\n  device_target: CPU\n")
     run = load_run_config(str(config))
     assert run.model.quantization_bit == 4
-    built = run.build_model()
+    built = load_run_model(run)
     assert built.network.layers[0].attention.dense.fmt == "int4"
 
 
