@@ -46,7 +46,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
-from mindglm.config import FAMILIES, ConfigError, GLMConfig
+from mindglm.config import FAMILIES, ConfigError, GLMConfig, is_type, type_names
 from mindglm.generation.config import GenerationConfig
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
@@ -64,12 +64,8 @@ DEFAULT_CONTEXT = {"mode": "PYNATIVE_MODE", "device_target": "CPU", "device_id":
 
 _NONE = type(None)
 _GLM_FIELDS = {f.name for f in dataclasses.fields(GLMConfig)}
-_GENERATION_TYPES = {
-    "max_length": (int, _NONE), "max_new_tokens": (int, _NONE), "do_sample": (bool,),
-    "temperature": (float,), "top_k": (int,), "top_p": (float,), "repetition_penalty": (float,),
-    "eos_token_id": (int, list, _NONE), "pad_token_id": (int, _NONE), "seed": (int, _NONE),
-}
-assert set(_GENERATION_TYPES) == {f.name for f in dataclasses.fields(GenerationConfig)}
+# Leaves whose values are checked by the dataclass they fill (GenerationConfig), not here.
+CHECKED_LATER = object()
 
 # The shape of a run config: a dict is a section (its keys are the only ones allowed), a tuple
 # of types is a leaf. `model.model_config` is checked by GLMConfig itself.
@@ -78,7 +74,7 @@ SCHEMA: dict = {
     "processor": {"tokenizer": (str, _NONE)},
     "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE)},
     "checkpoint": (str, _NONE),
-    "generation": dict(_GENERATION_TYPES),
+    "generation": {f.name: CHECKED_LATER for f in dataclasses.fields(GenerationConfig)},
 }
 
 
@@ -184,19 +180,6 @@ def read_yaml(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- checks
-def _type_names(types) -> str:
-    return " or ".join("null" if t is _NONE else {"dict": "a mapping", "list": "a list"}.get(t.__name__, t.__name__)
-                       for t in types)
-
-
-def _is_type(value, types) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
 def _unknown_key(source: str, path: str, key: str, known: Iterable[str]) -> ConfigError:
     known = sorted(known)
     close = difflib.get_close_matches(key, known, n=1)
@@ -218,8 +201,8 @@ def check_schema(raw: dict, source: str, schema: dict = SCHEMA, path: str = "") 
             if value is None:  # an empty section (`generation:` with nothing under it)
                 continue
             check_schema(value, source, spec, full)
-        elif not _is_type(value, spec):
-            raise ConfigError(f"{source}: key '{full}' must be {_type_names(spec)}, got {value!r} "
+        elif spec is not CHECKED_LATER and not is_type(value, spec):
+            raise ConfigError(f"{source}: key '{full}' must be {type_names(spec)}, got {value!r} "
                               f"({type(value).__name__})")
 
 
@@ -310,7 +293,7 @@ def apply_overrides(raw: dict, overrides: Iterable[Union[str, tuple]] = ()) -> d
             path = f"{path}.{part}" if path else part
             if last:
                 leaf = spec.get(part) if spec is not None else None
-                if text is not None and isinstance(leaf, tuple) and str in leaf and not _is_type(value, leaf):
+                if text is not None and isinstance(leaf, tuple) and str in leaf and not is_type(value, leaf):
                     value = text  # a string key (a path): `123` or `/a: b` stay text
                 node[part] = value
                 break
