@@ -16,6 +16,7 @@ at any level, a wrong type or a missing file is one `ConfigError` that names it)
       mode: PYNATIVE_MODE           # or GRAPH_MODE
       device_target: Ascend         # CPU | GPU | Ascend
       device_id: 0
+      compile_cache: ~/.cache/mindglm  # optional: reuse compiled graphs across runs (README caveat)
     checkpoint: /path/to/model.ckpt # or a THUDM model dir (config.json + .bin/.safetensors)
     generation:                     # GenerationConfig fields; omitted ones take the family's
       max_length: 8192              # THUDM chat() defaults (CHAT_DEFAULTS)
@@ -37,6 +38,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import re
 import sys
@@ -72,7 +75,8 @@ CHECKED_LATER = object()
 SCHEMA: dict = {
     "model": {"family": (str,), "model_config": (dict,)},
     "processor": {"tokenizer": (str, _NONE)},
-    "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE)},
+    "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE),
+                "compile_cache": (str, _NONE)},
     "checkpoint": (str, _NONE),
     "generation": {f.name: CHECKED_LATER for f in dataclasses.fields(GenerationConfig)},
 }
@@ -224,7 +228,17 @@ def _check_context(context: dict, source: str) -> dict:
     device_id = values["device_id"]
     if device_id is not None and device_id < 0:
         raise ConfigError(f"{source}: key 'context.device_id' must be >= 0, got {device_id}")
-    return {"mode": mode, "device_target": matches[0], "device_id": device_id}
+    checked = {"mode": mode, "device_target": matches[0], "device_id": device_id}
+    if values.get("compile_cache"):  # opt-in: absent unless configured
+        checked["compile_cache"] = values["compile_cache"]
+    return checked
+
+
+def compile_cache_dir(root: str, model: GLMConfig) -> str:
+    """`root`/<family>-<hash of the model config>: MindSpore keys its cache on the network's Python
+    source, not on the sizes a config gives it, so each model config gets a directory of its own."""
+    digest = hashlib.sha256(json.dumps(model.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(root, f"{model.family}-{digest}")
 
 
 def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:
@@ -319,6 +333,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     processor = raw.get("processor") or {}
     if processor.get("tokenizer") is not None:
         processor["tokenizer"] = _resolve_path(processor["tokenizer"], base_dir)
+    if (raw.get("context") or {}).get("compile_cache") is not None:
+        raw["context"]["compile_cache"] = _resolve_path(raw["context"]["compile_cache"], base_dir)
     overrides = list(overrides)
     if overrides:
         raw = apply_overrides(raw, overrides)
@@ -357,6 +373,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         model_values["family"] = family
     values.update(model_values)
     notes = []
+    if (raw.get("context") or {}).get("compile_cache") is not None:
+        raw["context"]["compile_cache"] = _resolve_path(raw["context"]["compile_cache"], os.getcwd())
     context = _check_context(raw.get("context"), source)
     device = context["device_target"]
     if values.get("use_flash_attention") and device != "Ascend":
@@ -370,6 +388,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
             values["param_dtype"] = "float32"
             notes.append("param_dtype bfloat16 is not supported on CPU: weights are kept in float32 (lossless)")
     model = GLMConfig.from_dict(values, source=f"{source}: model.model_config")
+    if "compile_cache" in context:
+        context["compile_cache"] = compile_cache_dir(context["compile_cache"], model)
 
     generation_values = dict(CHAT_DEFAULTS[model.family])
     generation_values.update(raw.get("generation") or {})
@@ -433,9 +453,18 @@ def apply_context(context: dict) -> None:
     A device this MindSpore install cannot use is one ConfigError saying what is available
     (MindSpore's own diagnostics are kept out of the way).
     """
+    context = _check_context(context, "context")
+    if context.get("compile_cache"):
+        # read when MindSpore compiles a graph, so set before the first compilation
+        try:
+            os.makedirs(context["compile_cache"], exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"context.compile_cache: cannot create {context['compile_cache']} ({exc.strerror}): "
+                              "point it at a writable directory, or remove the key") from None
+        os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+        os.environ["MS_COMPILER_CACHE_PATH"] = context["compile_cache"]
     import mindspore as ms
 
-    context = _check_context(context, "context")
     target, device_id = context["device_target"], context["device_id"]
     captured = _CapturedStderr()
     error = None
