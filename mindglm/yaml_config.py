@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -234,11 +235,30 @@ def _check_context(context: dict, source: str) -> dict:
     return checked
 
 
+def sources_digest(package: str) -> str:
+    """sha256 over the names and contents of every .py file under `package`."""
+    digest = hashlib.sha256()
+    for folder, _, names in sorted(os.walk(package)):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, package).encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
 def compile_cache_dir(root: str, model: GLMConfig) -> str:
-    """`root`/<family>-<hash of the model config>: MindSpore keys its cache on the network's Python
-    source, not on the sizes a config gives it, so each model config gets a directory of its own."""
-    digest = hashlib.sha256(json.dumps(model.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(root, f"{model.family}-{digest}")
+    """`root`/<family>-<hash>, the hash over the model config, mindglm's sources and the MindSpore
+    version. MindSpore validates a cache only against the entry script and the sources it imports
+    from outside sys.path, which leaves out an installed mindglm (and the repository the scripts
+    put on sys.path) and the sizes a config gives the same code: so those key the directory."""
+    digest = hashlib.sha256(json.dumps(model.to_dict(), sort_keys=True).encode())
+    digest.update(sources_digest(os.path.dirname(os.path.abspath(__file__))).encode())
+    try:
+        digest.update(importlib.metadata.version("mindspore").encode())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return os.path.join(root, f"{model.family}-{digest.hexdigest()[:12]}")
 
 
 def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:

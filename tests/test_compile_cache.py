@@ -56,3 +56,16 @@ def test_unwritable_cache_dir_is_a_config_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="context.compile_cache: cannot create .*: point it at a writable directory"):
         apply_context({"compile_cache": str(blocker / "cache")})
+
+
+def test_cache_dir_changes_with_mindglm_sources(tmp_path):
+    """MindSpore does not hash an installed mindglm's sources: the directory name does."""
+    import shutil
+    from mindglm.yaml_config import sources_digest
+    copy = tmp_path / "mindglm"
+    shutil.copytree(os.path.join(ROOT, "mindglm"), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sources_digest(str(copy))
+    assert before == sources_digest(os.path.join(ROOT, "mindglm"))
+    layers = copy / "models" / "layers.py"
+    layers.write_text(layers.read_text() + "\n# edited\n")
+    assert sources_digest(str(copy)) != before
