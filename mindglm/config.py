@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+# The sentencepiece file of each family's THUDM model directory.
+TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 # What THUDM's modeling files build per family (their config.json leave these out for ChatGLM-6B).
 _V2_NETWORK = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
                "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}

@@ -28,10 +28,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mindglm.config import FAMILIES, ConfigError
+from mindglm.config import FAMILIES, TOKENIZER_FILES, ConfigError
 from mindglm.positions import PREFER_MASK, glm_2d_positions, left_pad, positions_from_padding
 
-TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 
 
 # transformers' `clean_up_tokenization` (tokenization_utils_base.py), in its order: what `decode()`

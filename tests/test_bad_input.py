@@ -45,17 +45,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("script", ["run_chat.py", "tools/batch_infer.py", "tools/bench_generate.py",
-                                    "tools/bench_convert.py", "tools/bench_tokenizer.py"])
+                                    "tools/bench_convert.py", "tools/bench_tokenizer.py", "-m ckpt_convert"])
 def test_scripts_without_their_packages_print_one_line(script):
-    """-I -S: this Python without site-packages, i.e. without numpy, sentencepiece, yaml, MindSpore."""
+    """-E -S: this Python without site-packages, i.e. without numpy, sentencepiece, yaml, MindSpore."""
     import subprocess
     import sys
-    result = subprocess.run([sys.executable, "-I", "-S", script, "--help"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-E", "-S", *script.split(), "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
+    name = script.split()[-1]
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"{script}: error: this Python (") and "lacks numpy<2" in result.stderr
-    assert "run `make chat`" in result.stderr
+    assert result.stderr.startswith(f"{name}: error: this Python (") and "lacks numpy<2" in result.stderr
+    assert "run `make chat`" in result.stderr and result.stderr.endswith(f"use .venv/bin/python {script}\n")
 
 
 def test_bench_compare_torch_without_torch_names_make_reference(monkeypatch, capsys):
