@@ -39,7 +39,8 @@ from mindglm.requirements import require_packages  # noqa: E402
 if __name__ == "__main__":
     require_packages(__file__)
 
-from mindglm.chat import stable_text, system_messages  # noqa: E402
+from mindglm.chat import ChatError, stable_text  # noqa: E402
+from mindglm.conversation import Conversation, load_tools  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 USER_PROMPT = "用户："
@@ -145,22 +146,19 @@ def ctrl_c_interrupts():
 
 # ---------------------------------------------------------------------------------- the session
 class ChatSession:
-    """The conversation state and the commands of the terminal chat."""
+    """The terminal side of a chat: commands, screen output and streaming over a Conversation."""
 
     def __init__(self, model, tokenizer, family: str, settings: dict, out=sys.stdout):
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.settings = {k: v for k, v in settings.items() if k != "eos_token_id"}  # chat() sets stop ids
         self.out = out
-        self.history: list = []
-        self.system_text = None
-        self.tools = None
-        self.awaiting_observation = False
-
-    # ------------------------------------------------------------------ v3 system message
-    def _system_messages(self) -> list:
-        if self.family != "chatglm3":
-            return []
-        return system_messages(self.system_text, self.tools)
+        self.conversation = Conversation(family)
+        # command word -> (handler taking the argument text, ChatGLM3 only?)
+        self.commands = {
+            "clear": (self.clear, False), "/help": (self.help, False), "help": (self.help, False),
+            "/system": (self.set_system, True), "/tools": (self.set_tools, True),
+            "/observation": (self.observation, True),
+        }
 
     def welcome(self) -> str:
         name = FAMILY_NAMES[self.family]
@@ -173,7 +171,7 @@ class ChatSession:
         self.out.flush()
 
     def prompt(self) -> str:
-        return OBSERVATION_PROMPT if self.awaiting_observation else USER_PROMPT
+        return OBSERVATION_PROMPT if self.conversation.awaiting_observation else USER_PROMPT
 
     # ------------------------------------------------------------------ commands
     def handle(self, line: str) -> bool:
@@ -181,63 +179,54 @@ class ChatSession:
         text = line.strip()
         if not text:
             return True
-        word = text.lower()
-        if word in QUIT_WORDS:
+        if text.lower() in QUIT_WORDS:
             return False
-        if word == "clear":
-            self.history, self.awaiting_observation = [], False
-            if self.out.isatty():
-                self.out.write("\033[2J\033[H")
-                self.say(self.welcome())
-            else:
-                self.say("(对话历史已清空 / history cleared)")
-            return True
-        if word in ("/help", "help"):
-            self.say(HELP)
-            return True
-        if text.startswith("/"):
-            command, _, argument = text.partition(" ")
-            argument = argument.strip()
-            if command in ("/system", "/tools", "/observation") and self.family != "chatglm3":
-                self.say(f"{command} needs a ChatGLM3 model; this is {FAMILY_NAMES[self.family]}")
-                return True
-            if command == "/system":
-                self.system_text = argument or None
-                self.say(f"(system prompt {'set' if argument else 'removed'})")
-                return True
-            if command == "/tools":
-                self.load_tools(argument)
-                return True
-            if command == "/observation":
-                if not argument:
-                    self.say("usage: /observation <the tool's result, JSON or text>")
-                    return True
-                self.reply(argument, role="observation")
-                return True
-            self.say(f"unknown command {command}; /help lists the commands")
-            return True
-        self.reply(text, role="observation" if self.awaiting_observation else "user")
+        word, _, argument = text.partition(" ")
+        command = self.commands.get(word.lower())
+        if command is None and text.startswith("/"):
+            self.say(f"unknown command {word}; /help lists the commands")
+        elif command is None or (not word.startswith("/") and argument):
+            self.reply(text)  # a message (one may start with "clear" or "help")
+        elif command[1] and self.family != "chatglm3":
+            self.say(f"{word} needs a ChatGLM3 model; this is {FAMILY_NAMES[self.family]}")
+        else:
+            command[0](argument.strip())
         return True
 
-    def load_tools(self, path: str):
+    def clear(self, _argument: str = ""):
+        self.conversation.clear()
+        if self.out.isatty():
+            self.out.write("\033[2J\033[H")
+            self.say(self.welcome())
+        else:
+            self.say("(对话历史已清空 / history cleared)")
+
+    def help(self, _argument: str = ""):
+        self.say(HELP)
+
+    def set_system(self, text: str):
+        self.conversation.set_system(text)
+        self.say(f"(system prompt {'set' if text else 'removed'})")
+
+    def set_tools(self, path: str):
         if path in ("off", "none", ""):
-            self.tools = None
+            self.conversation.set_tools(None)
             self.say("(tools removed)" if path else "usage: /tools <file.json> | /tools off")
             return
         try:
-            with open(os.path.expanduser(path), encoding="utf-8") as handle:
-                tools = json.load(handle)
-        except (OSError, ValueError) as exc:
-            self.say(f"cannot read tools from {path}: {exc}")
+            tools = load_tools(path)
+        except ChatError as exc:
+            self.say(str(exc))
             return
-        if isinstance(tools, dict) and "tools" in tools:
-            tools = tools["tools"]
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            self.say(f"{path}: expected a JSON list of tool definitions ({{name, description, parameters}})")
-            return
-        self.tools = tools
+        self.conversation.set_tools(tools)
         names = ", ".join(str(t.get("name", "?")) for t in tools)
         self.say(f"(loaded {len(tools)} tool(s): {names})")
+
+    def observation(self, text: str):
+        if not text:
+            self.say("usage: /observation <the tool's result, JSON or text>")
+            return
+        self.reply(text, role="observation")
 
     # ------------------------------------------------------------------ one turn
     def _no_room_left(self, query, history, role) -> bool:
@@ -256,13 +245,11 @@ class ChatSession:
                  "reply; type clear, or raise it with --set generation.max_length=N)")
         return True
 
-    def reply(self, query: str, role: str = "user"):
+    def reply(self, text: str, role: str = None):
         """Stream one reply; on Ctrl-C drop the turn and keep the session."""
-        from mindglm.chat import ChatError
         from mindglm.config import ConfigError
 
-        system = self._system_messages()
-        history = system + self.history
+        query, history, role = self.conversation.next_turn(text, role)
         if self._no_room_left(query, history, role):
             return
         self.out.write(BOT_PREFIX)
@@ -290,9 +277,8 @@ class ChatSession:
             self.say("")
             return
         printer.finish(response)
-        self.history = list(new_history[len(system):])
-        self.awaiting_observation = isinstance(response, dict) and "parameters" in response
-        if self.awaiting_observation:
+        self.conversation.finish_turn(response, new_history)
+        if self.conversation.awaiting_observation:
             self.say("(the model called a tool: type its result as JSON, or /observation <json>)")
 
 
@@ -319,7 +305,6 @@ def main(argv=None) -> int:
         sys.stdin.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
-    from mindglm.chat import ChatError
     from mindglm.checkpoint import CheckpointError
     from mindglm.config import ConfigError
 

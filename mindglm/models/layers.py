@@ -14,7 +14,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+from mindglm.config import DTYPES
+
+MS_DTYPES = {name: getattr(ms, name) for name in DTYPES}  # config.DTYPES are MindSpore's own names
 MASK_FILL = -1e9  # finite, so a fully masked (padding) row stays NaN-free; exp() of it is 0.0
 
 
