@@ -89,7 +89,7 @@ def chat_prompt(request: ChatCompletionRequest, tokenizer, family: str) -> Promp
     except ValueError as exc:  # ChatError included: the message says what is wrong
         raise APIError(400, str(exc), "messages") from None
     stop_ids = chat.stop_token_ids(tokenizer, family)
-    tool_call_ids = [tokenizer.role_token_id("observation")] if family == "chatglm3" else []
+    tool_call_ids = [tokenizer.role_token_id("observation")] if family == "chatglm3" and not request.ignore_eos else []
     has_tools = bool(history) and history[0].get("role") == "system" and "tools" in history[0] \
         if family == "chatglm3" else False
     return Prompt(ids, history, _with_extra_stops(stop_ids, request), tool_call_ids, has_tools)
@@ -114,6 +114,8 @@ def completion_prompt(request: CompletionRequest, tokenizer, family: str) -> Pro
 
 
 def _with_extra_stops(stop_ids: list, request: SamplingRequest) -> list:
+    if request.ignore_eos:
+        return list(request.stop_token_ids or [])
     extra = [i for i in request.stop_token_ids or [] if i not in stop_ids]
     return list(stop_ids) + extra
 

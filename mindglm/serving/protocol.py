@@ -100,6 +100,7 @@ class SamplingRequest(_Body):
     top_k: Optional[int] = Field(None, ge=-1)
     repetition_penalty: Optional[float] = Field(None, gt=0)
     stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False  # run to max_tokens (benchmarks with fixed output lengths)
 
     def check_supported(self) -> None:
         """A 400 for a field this server cannot honour."""

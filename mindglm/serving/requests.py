@@ -140,6 +140,7 @@ class Generation:
         self.state.active -= 1
         if not self.done and self.sequence is not None:
             self.state.loop.abort(self.request_id)
+            self.state.metrics.finished("abort")
         self.done = True
 
     async def run_to_end(self) -> Final:
