@@ -14,12 +14,30 @@ import queue
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 log = logging.getLogger("mindglm.serving")
 
-# a callback gets (sequence, new_ids, monotonic time of the step), or (None, [], time, error text)
-Callback = Callable[..., None]
+
+
+@dataclass
+class TokenEvent:
+    """What one step did to one sequence, captured in the engine thread.
+
+    `finished` and `finish_reason` are copied when the step ends: the event loop reads the event
+    later, when the live Sequence may already be several steps further.
+    """
+
+    sequence: object
+    new_ids: list
+    finished: bool
+    finish_reason: Optional[str]
+    time: float = field(default_factory=time.monotonic)
+    error: Optional[str] = None  # the step failed: the request is over
+
+
+Callback = Callable[[TokenEvent], None]
 
 
 class EngineLoop:
@@ -121,7 +139,7 @@ class EngineLoop:
         if sequence.finished:
             self._callbacks.pop(sequence.request_id, None)
         if callback is not None:
-            callback(sequence, list(new_ids), time.monotonic())
+            callback(TokenEvent(sequence, list(new_ids), sequence.finished, sequence.finish_reason))
 
     def _step(self) -> None:
         try:
@@ -135,7 +153,7 @@ class EngineLoop:
                     self.engine.abort(request_id)
                 except Exception:  # noqa: BLE001
                     pass
-                callback(None, [], time.monotonic(), message)
+                callback(TokenEvent(None, [], True, None, error=message))
 
     def _refresh_stats(self) -> None:
         # read here, between steps, so /metrics never waits on the engine's lock

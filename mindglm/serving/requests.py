@@ -37,6 +37,7 @@ class Generation:
         self.request_id = f"{prefix}-{uuid.uuid4().hex}"
         self.prompt_param = prompt_param
         self.sequence = None
+        self.generated = 0  # ids received so far (the live Sequence may be further on)
         self.done = False
         self._released = False
         self._events: asyncio.Queue = asyncio.Queue()
@@ -49,7 +50,7 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.sequence.output_ids) if self.sequence is not None else 0
+        return self.generated
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -59,8 +60,8 @@ class Generation:
         """Put the request into the engine; a prompt that does not fit is a 400, a full queue a 429."""
         loop = asyncio.get_running_loop()
 
-        def callback(sequence, new_ids, when, error=None):
-            loop.call_soon_threadsafe(self._events.put_nowait, (sequence, new_ids, when, error))
+        def callback(event):
+            loop.call_soon_threadsafe(self._events.put_nowait, event)
 
         prompt_too_long, queue_full = _engine_errors()
         future = self.state.loop.submit(callback, prompt_ids=list(self.prompt.ids), generation=self.config,
@@ -86,21 +87,23 @@ class Generation:
         """The reply as it grows; the last Event carries the Final."""
         try:
             while not self.done:
-                sequence, new_ids, when, error = await self._events.get()
-                if error is not None:
+                step = await self._events.get()
+                if step.error is not None:
                     self.done = True
-                    raise APIError(500, error)
-                self._observe(sequence, new_ids, when)
-                stopped_on_id = sequence.finished and sequence.finish_reason in ("stop", "tool_calls")
-                delta = self.reply.push(new_ids, stopped_on_id)
+                    raise APIError(500, step.error)
+                self.generated += len(step.new_ids)
+                self._observe(step)
+                stopped_on_id = step.finished and step.finish_reason in ("stop", "tool_calls")
+                delta = self.reply.push(step.new_ids, stopped_on_id)
                 if self.reply.stopped:  # a stop string: the reply is over, the engine row is freed
                     self.state.loop.abort(self.request_id)
                     yield self._finish("stop", delta)
-                elif sequence.finished:
-                    if sequence.finish_reason == "abort":
+                elif step.finished:
+                    if step.finish_reason == "abort":
                         self.done = True
+                        self.state.metrics.finished("abort")
                         raise APIError(503, "the reply was aborted: the server is shutting down")
-                    yield self._finish(sequence.finish_reason, delta)
+                    yield self._finish(step.finish_reason, delta)
                 elif delta:
                     yield Event(delta)
         finally:
@@ -116,17 +119,17 @@ class Generation:
                                            if self._last_token_time else 0.0)
         return Event(final.delta, final)
 
-    def _observe(self, sequence, new_ids, when) -> None:
-        if not new_ids:
+    def _observe(self, step) -> None:
+        if not step.new_ids:
             return
-        metrics = self.state.metrics
-        metrics.generation_tokens.inc(len(new_ids))
+        metrics, when, sequence = self.state.metrics, step.time, step.sequence
+        metrics.generation_tokens.inc(len(step.new_ids))
         if self._last_token_time is None:
             first = sequence.first_token_time if sequence.first_token_time is not None else when
             metrics.ttft.observe(max(0.0, first - sequence.arrival_time))
-            rest = len(new_ids) - 1
+            rest = len(step.new_ids) - 1
         else:
-            rest = len(new_ids)
+            rest = len(step.new_ids)
         if rest and self._last_token_time is not None:
             for _ in range(rest):
                 metrics.tpot.observe((when - self._last_token_time) / rest)
