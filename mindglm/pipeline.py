@@ -2,7 +2,7 @@
 
     model = mindglm.load_model("THUDM-dir-or-config.yaml", checkpoint=None, dtype="float32")
     model.logits(input_ids)                       # float32 [batch, seq, vocab], no cache
-    model.generate(input_ids, max_new_tokens=16)  # [batch, seq + new]
+    model.generate(input_ids, max_new_tokens=16)  # [batch, seq + new], through model.engine
 """
 from __future__ import annotations
 
@@ -15,21 +15,27 @@ from mindspore import Tensor
 
 from mindglm import chat
 from mindglm.config import ConfigError, GLMConfig
+from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
+from mindglm.engine.model_runner import int_tensor
 from mindglm.generation.config import GenerationConfig
-from mindglm.generation.decode import decode_steps, generate
-from mindglm.generation.runners import CachedRunner, FullForwardRunner, SequenceState, full_forward
 from mindglm.models import family_module
 
 
 class GLMModel:
-    """A built, weight-loaded GLM network plus its runners. Front ends talk to this only."""
+    """A built, weight-loaded GLM network and its engine. Front ends talk to this only.
 
-    def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None):
+    Every generation goes through one Engine per model (`model.engine`): generate(), chat(),
+    stream_chat(), batch inference and the server are its clients, so any number of them may
+    run on one model at once, each getting what it would alone.
+    """
+
+    def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None,
+                 engine_config: Optional[EngineConfig] = None):
         self.config = config
         self.network = network
         self.generation_config = generation or GenerationConfig()
-        self._full_runner = FullForwardRunner(network, config)
-        self._cached_runner = None
+        self.engine_config = engine_config or EngineConfig()
+        self._engines = {}
 
     # ------------------------------------------------------------------ scoring
     def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
@@ -38,18 +44,32 @@ class GLMModel:
         A left-padded batch may pass only `attention_mask`; position ids (and for ChatGLM-6B the
         2D positions and the bidirectional context) are derived as the reference does.
         """
-        state = SequenceState(self.config, input_ids, attention_mask, position_ids)
-        return full_forward(self.network, self.config, state, last_only=False)
+        ids, mask = _batch_of_ids(input_ids, attention_mask, self.config.vocab_size)
+        batch, seq = ids.shape
+        if seq > self.config.seq_length:
+            raise ConfigError(f"a sequence of {seq} tokens exceeds the model's context "
+                              f"(seq_length {self.config.seq_length}): shorten it")
+        positions, context = family_module(self.config).prepare_positions(self.config, ids, mask, position_ids)
+        query_index = np.broadcast_to(np.arange(seq), (batch, seq))
+        logits = self.network(*(int_tensor(a) for a in (ids, positions, mask, query_index, context)))
+        return logits.asnumpy()
 
     # ------------------------------------------------------------------ generation
-    def runner(self, use_past: Optional[bool] = None):
-        """The cached (compiled) runner when use_past, else the exact full-forward one."""
+    def engine_for(self, use_past: Optional[bool] = None) -> Engine:
+        """The model's engine: compiled with a KV cache when use_past, else the exact full-forward one."""
         use_past = self.config.use_past if use_past is None else use_past
-        if not use_past:
-            return self._full_runner
-        if self._cached_runner is None:
-            self._cached_runner = CachedRunner(self.network, self.config, self.config.seq_length)
-        return self._cached_runner
+        if use_past not in self._engines:
+            self._engines[use_past] = Engine(self.network, self.config, self.engine_config, use_past=use_past)
+        return self._engines[use_past]
+
+    @property
+    def engine(self) -> Engine:
+        return self.engine_for()
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + reply) the engine runs."""
+        return self.engine_config.model_len(self.config.seq_length)
 
     def _generation_config(self, max_new_tokens=None, do_sample=None, eos_token_id=None,
                            **settings) -> GenerationConfig:
@@ -67,19 +87,45 @@ class GLMModel:
         """Generate continuations: numpy int64 [batch, seq + new].
 
         Settings are those of GenerationConfig (max_length, temperature, top_k, top_p,
-        repetition_penalty, seed, ...), on top of the model's generation defaults.
-        eos_token_id None stops at the model's eos ids; -1 never stops early.
+        repetition_penalty, seed, ...), on top of the model's generation defaults; without a
+        budget a row runs to the end of the context. eos_token_id None stops at the model's eos
+        ids; -1 never stops early. Each row of a left-padded batch is its own request: it stops
+        on its own (then gets pad ids), and its tokens are those it would get alone.
         """
-        if max_new_tokens is None and "max_length" not in settings and self.generation_config.max_new_tokens is None \
-                and self.generation_config.max_length is None:
-            max_new_tokens = 16
         config = self._generation_config(max_new_tokens, do_sample, eos_token_id, **settings)
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        return generate(self.runner(use_past), ids, attention_mask, position_ids, config,
-                        default_stop_ids=self.config.eos_token_ids, pad_token_id=self.config.pad_id,
-                        streamer=streamer)
+        ids, mask = _batch_of_ids(input_ids, attention_mask, self.config.vocab_size)
+        explicit = None if position_ids is None else np.asarray(position_ids, np.int64).reshape(ids.shape[0], -1,
+                                                                                                ids.shape[1])
+        engine = self.engine_for(use_past)
+        pad = config.pad_token_id if config.pad_token_id is not None else self.config.pad_id
+        rows = []
+        try:
+            for row in range(ids.shape[0]):
+                real = mask[row] > 0
+                rows.append(engine.add_request(ids[row, real], config,
+                                               position_ids=None if explicit is None else explicit[row][:, real]))
+            emitted = 0
+            while True:
+                longest = max(len(seq.output_ids) for seq in rows)
+                while streamer is not None and emitted < longest and \
+                        all(seq.finished or len(seq.output_ids) > emitted for seq in rows):
+                    streamer.put(np.array([seq.output_ids[emitted] if len(seq.output_ids) > emitted else pad
+                                           for seq in rows], np.int64))
+                    emitted += 1
+                if all(seq.finished for seq in rows):
+                    break
+                engine.step()
+        finally:
+            for seq in rows:
+                if not seq.finished:
+                    engine.abort(seq.request_id)
+        if streamer is not None:
+            streamer.end()
+        steps = max(len(seq.output_ids) for seq in rows)
+        new = np.full((ids.shape[0], steps), pad, np.int64)
+        for row, seq in enumerate(rows):
+            new[row, : len(seq.output_ids)] = seq.output_ids
+        return np.concatenate([ids, new], axis=1)
 
     # ------------------------------------------------------------------ chat
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user",
@@ -88,9 +134,9 @@ class GLMModel:
 
         The prompt is built by the family's template (mindglm.chat); generation stops at the
         family's stop ids (ChatGLM3 also at <|user|> and <|observation|>). Settings are those of
-        generate(); without max_length/max_new_tokens the reply may run to the model's context.
-        A prompt longer than the context raises ChatError, or with `truncate_history` drops the
-        oldest turns until it fits. The caller's history is never modified.
+        generate(); without max_length/max_new_tokens the reply may run to the end of the
+        context. A prompt longer than the context raises ChatError, or with `truncate_history`
+        drops the oldest turns until it fits. The caller's history is never modified.
         """
         family = self.config.family
         if "eos_token_id" in generation:
@@ -98,26 +144,29 @@ class GLMModel:
                                  "use generate() for other eos ids")
         history = list(history or [])
         prompt, history = self._fit_prompt(tokenizer, query, history, role, truncate_history)
-        if "max_length" not in generation and "max_new_tokens" not in generation and \
-                self.generation_config.max_length is None and self.generation_config.max_new_tokens is None:
-            generation["max_length"] = self.context_length()
         stop_ids = chat.stop_token_ids(tokenizer, family)
-        config = self._generation_config(eos_token_id=stop_ids, **generation)
-        budget = config.new_token_budget(len(prompt))
-        if budget + len(prompt) > self.context_length():
-            budget = self.context_length() - len(prompt)
-            config = GenerationConfig.from_kwargs(config, max_new_tokens=budget, max_length=None)
-        if budget <= 0:
-            raise chat.ChatError(f"the prompt is {len(prompt)} tokens and max_length leaves no room for a reply: "
-                                 "raise max_length (or set max_new_tokens), or clear the history")
+        engine = self.engine_for(use_past)
+        try:
+            seq = engine.add_request(prompt, self._generation_config(**generation), stop_ids=stop_ids,
+                                     tool_call_ids=chat.tool_call_token_ids(tokenizer, family))
+        except PromptTooLong as exc:
+            raise chat.ChatError(f"{exc} (Clear the history, or lower max_new_tokens / max_length.)") from None
         decoder = chat.StreamDecoder(tokenizer, family)
-        for tokens in decode_steps(self.runner(use_past), np.asarray([prompt]), None, None, config,
-                                   pad_token_id=self.config.pad_id):
-            token = int(tokens[0])
-            text = decoder.push(token)
-            if text is not None and token not in stop_ids:
-                yield chat.process_response(family, text, history), chat.update_history(family, history, query,
-                                                                                       text, role)
+        seen = 0
+        try:
+            while not seq.finished or seen < len(seq.output_ids):
+                if seen == len(seq.output_ids):
+                    engine.step()
+                    continue
+                token = seq.output_ids[seen]
+                seen += 1
+                text = decoder.push(token)
+                if text is not None and token not in stop_ids:
+                    yield chat.process_response(family, text, history), chat.update_history(family, history, query,
+                                                                                           text, role)
+        finally:
+            if not seq.finished:
+                engine.abort(seq.request_id)
         yield chat.finish_turn(tokenizer, family, query, history, decoder.ids, role)
 
     def chat(self, tokenizer, query: str, history=None, role: str = "user", **generation):
@@ -127,23 +176,35 @@ class GLMModel:
             pass
         return result
 
-    def context_length(self) -> int:
-        """Longest sequence (prompt + reply) the model can run."""
-        return self.config.seq_length
-
     def _fit_prompt(self, tokenizer, query, history, role, truncate_history) -> tuple:
         """Prompt ids for query + history, dropping the oldest turns if allowed and needed."""
         family = self.config.family
         while True:
             prompt = chat.build_chat_ids(tokenizer, family, query, history, role)
-            if len(prompt) < self.context_length():
+            if len(prompt) < self.max_model_len:
                 return prompt, history
             shorter = chat.drop_oldest_turn(family, history) if truncate_history else None
             if shorter is None:
                 raise chat.ChatError(
-                    f"the prompt is {len(prompt)} tokens, the model's context is {self.context_length()}: "
+                    f"the prompt is {len(prompt)} tokens, the model's context is {self.max_model_len}: "
                     "clear the history, shorten the query, or pass truncate_history=True")
             history = shorter
+
+
+def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
+    """(ids [batch, seq] int64, mask [batch, seq] int64) checked: integers in the vocabulary, at
+    least one row and one real token per row — a ValueError naming the problem otherwise."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a [batch, seq] array with at least one row, got shape {ids.shape}")
+    mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    for row in range(ids.shape[0]):
+        check_token_ids(ids[row][mask[row] > 0], vocab_size, f"prompt of row {row}")
+    return ids.astype(np.int64), mask
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -178,7 +239,8 @@ def _weights_of(path: str, config: GLMConfig):
     return iter_mindglm_tensors(path, config)
 
 
-def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None) -> GLMModel:
+def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
+                engine: Optional[EngineConfig] = None) -> GLMModel:
     """Build `config`'s network and load weights from `source`: a .ckpt (mindglm or MindFormers
     names) or a THUDM dir — whose single converted .ckpt wins over converting on the fly."""
     if source is None:
@@ -193,7 +255,7 @@ def build_model(config: GLMConfig, source: Optional[str], generation: Optional[G
             source = ckpts[0]
     network = build_network(config)
     load_weights(network, _weights_of(source, config), source)
-    return GLMModel(config, network, generation)
+    return GLMModel(config, network, generation, engine)
 
 
 def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = "float32",
@@ -208,13 +270,13 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
-    generation = None
+    generation = engine = None
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
         from mindglm.yaml_config import load_run_config
         run = load_run_config(path)
-        config, weights, generation = run.model, run.checkpoint, run.generation
+        config, weights, generation, engine = run.model, run.checkpoint, run.generation, run.engine
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
@@ -223,4 +285,4 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past
-    return build_model(config, checkpoint or weights, generation)
+    return build_model(config, checkpoint or weights, generation, engine)

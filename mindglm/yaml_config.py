@@ -46,6 +46,7 @@ from typing import Any, Iterable, Optional, Union
 import yaml
 
 from mindglm.config import FAMILIES, ConfigError, GLMConfig
+from mindglm.engine.config import EngineConfig
 from mindglm.generation.config import GenerationConfig
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
@@ -78,6 +79,7 @@ SCHEMA: dict = {
     "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE)},
     "checkpoint": (str, _NONE),
     "generation": dict(_GENERATION_TYPES),
+    "engine": {"max_num_seqs": (int,), "max_model_len": (int, _NONE), "chunk_size": (int,), "max_waiting": (int,)},
 }
 
 
@@ -101,6 +103,7 @@ class RunConfig:
     source: str
     generation_settings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def family(self) -> str:
@@ -125,7 +128,7 @@ class RunConfig:
     def build_model(self):
         """Build the network and load the checkpoint: a `GLMModel` with this run's generation defaults."""
         from mindglm.pipeline import build_model
-        return build_model(self.model, self.require_checkpoint(), self.generation)
+        return build_model(self.model, self.require_checkpoint(), self.generation, self.engine)
 
 
 # ---------------------------------------------------------------------------------- YAML reading
@@ -394,8 +397,13 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}".replace("generation setting '", "key 'generation.")) from None
     settings = {k: v for k, v in dataclasses.asdict(generation).items() if v is not None}
+    try:
+        engine = EngineConfig(**(raw.get("engine") or {}))
+        engine.model_len(model.seq_length)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}".replace("engine setting '", "key 'engine.")) from None
     return RunConfig(model=model, checkpoint=checkpoint, tokenizer=tokenizer, generation=generation,
-                     context=context, source=source, generation_settings=settings, notes=notes)
+                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine)
 
 
 def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:

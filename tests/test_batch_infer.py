@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import batch_infer  # noqa: E402
-from batch_infer import Request, make_batches, parse_record, read_done_ids  # noqa: E402
+from batch_infer import Request, parse_record, read_done_ids  # noqa: E402
 from mindglm.chat import messages_to_turn  # noqa: E402
 
 BATCH_INFER = os.path.join(REPO, "tools", "batch_infer.py")
@@ -241,13 +241,6 @@ def test_parse_record_defaults_the_id_to_the_line_number():
     request = parse_record('{"prompt": "x", "generation": {"top_p": 0.5}}', 9, "chatglm3", set())
     assert (request.id, request.query, request.history, request.role, request.generation) == \
         (9, "x", [], "user", {"top_p": 0.5})
-
-
-def test_make_batches_sorts_by_length_and_separates_generation_settings():
-    requests = [Request(i, i, "q", [], generation=({"top_p": 0.5} if i in (2, 5) else {}), ids=[0] * length)
-                for i, length in enumerate([5, 1, 9, 3, 7, 2])]
-    batches = make_batches(requests, 2)
-    assert [[r.line for r in batch] for batch in batches] == [[1, 3], [0, 4], [5, 2]]
 
 
 def test_read_done_ids_drops_a_torn_last_line(tmp_path):

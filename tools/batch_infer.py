@@ -21,28 +21,28 @@ Input
     temperature, repetition_penalty, seed). Unknown fields are ignored (with a warning).
   any other file: one prompt per line (blank lines skipped), id = the line number.
 
-Output: JSONL, one line per prompt, in the order the batches ran:
+Output: JSONL, one line per prompt, in the order they finish:
     {"id", "response", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
   `response` is what `model.chat(tokenizer, query, history)` returns for the line (a dict for a
-  ChatGLM3 tool call); finish_reason is "stop" (a stop token) or "length" (the token budget);
-  seconds is the wall time of the batch that produced the line.
+  ChatGLM3 tool call); finish_reason is "stop" (a stop token), "tool_calls" (ChatGLM3's
+  <|observation|>) or "length" (the token budget); seconds is the line's time in the engine.
 
-Batching: prompts are built with the chat template, sorted by token length and cut into batches
-of --batch-size (left-padded); lines with different `generation` overrides never share a batch.
-With greedy decoding every line gets exactly the reply that `model.chat()` gives it alone. With
-do_sample the rows of a batch draw from one random stream (reproducible for a given seed and
-batching, but not equal to one-by-one sampling).
+Batching is continuous: up to --batch-size lines run in the engine at once, each with its own
+budget and generation settings, and a line that finishes hands its row to the next one at once.
+Every line gets exactly the reply that `model.chat()` gives it alone, sampled ones included
+(each line has its own random stream, seeded by its `seed`).
 
 Robustness: a bad line (invalid JSON, no prompt, duplicate id, malformed messages, a prompt
 longer than the model's context) is reported on stderr with its line number and skipped;
 --strict makes any bad line an error before anything is generated (exit 1). The output is
-appended and fsync'ed after every batch; --resume skips the ids already in it (an interrupted
-run loses at most the batch in flight and never duplicates a line). Configuration errors are one
+appended and fsync'ed as lines finish; --resume skips the ids already in it (an interrupted
+run loses at most the lines in flight and never duplicates a line). Configuration errors are one
 line on stderr, exit 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -54,14 +54,11 @@ from typing import Any, Optional
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 from mindglm.config import ConfigError  # noqa: E402
 from mindglm.chat import messages_to_turn  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 KNOWN_FIELDS = ("id", "prompt", "history", "messages", "generation")
-BUDGET_KEYS = ("max_length", "max_new_tokens")
 
 
 class BatchError(Exception):
@@ -79,12 +76,7 @@ class Request:
     role: str = "user"
     generation: dict = field(default_factory=dict)
     ids: Optional[list] = None
-    budget: int = 0
-
-    @property
-    def group(self) -> str:
-        """Lines whose generation overrides differ never share a batch."""
-        return json.dumps(self.generation, sort_keys=True)
+    config: Any = None          # its GenerationConfig
 
 
 def id_key(value) -> str:
@@ -153,41 +145,22 @@ def read_requests(path: str, family: str) -> tuple:
     return requests, bad
 
 
-def prepare(requests: list, run, tokenizer) -> list:
-    """Tokenize with the chat template and work out each line's token budget; bad lines -> (line, reason)."""
+def prepare(requests: list, run, tokenizer, max_model_len: int) -> list:
+    """Tokenize with the chat template and check each line's budget fits; bad lines -> (line, reason)."""
     from mindglm.chat import build_chat_ids
+    from mindglm.engine import token_budget
     from mindglm.generation.config import GenerationConfig
 
-    context = run.model.seq_length
     bad = []
     for request in list(requests):
         try:
-            config = GenerationConfig.from_kwargs(run.generation, **request.generation)
+            request.config = GenerationConfig.from_kwargs(run.generation, **request.generation)
             request.ids = build_chat_ids(tokenizer, run.family, request.query, request.history, request.role)
+            token_budget(request.config, len(request.ids), max_model_len)
         except (ValueError, TypeError) as exc:
-            bad.append((request.line, str(exc)))
+            bad.append((request.line, " ".join(str(exc).split())))
             requests.remove(request)
-            continue
-        length = len(request.ids)
-        if length >= context:
-            bad.append((request.line, f"the prompt is {length} tokens, the model's context is {context}"))
-            requests.remove(request)
-            continue
-        # as model.chat() does: max_new_tokens wins over max_length, and the context bounds both
-        request.budget = min(config.new_token_budget(length), context - length)
     return bad
-
-
-def make_batches(requests: list, batch_size: int) -> list:
-    """Batches of requests with equal generation overrides, similar lengths (sorted), at most batch_size."""
-    groups: dict = {}
-    for request in requests:
-        groups.setdefault(request.group, []).append(request)
-    batches = []
-    for members in groups.values():
-        members.sort(key=lambda r: (len(r.ids), r.line))
-        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
-    return batches
 
 
 # ---------------------------------------------------------------------------------- output
@@ -239,65 +212,39 @@ class Progress:
         self.stream.flush()
 
 
-class _CountingStreamer:
-    """Counts generated tokens of unfinished rows while a batch runs, for the progress bar."""
+def record_of(seq, request: Request, tokenizer, family: str) -> dict:
+    """The output line of a finished sequence."""
+    from mindglm.chat import finish_turn
 
-    def __init__(self, batch: int, real_rows: int, stop_ids, progress: Progress):
-        self.finished = np.zeros(batch, bool)
-        self.real_rows = real_rows
-        self.stop_ids = np.asarray(stop_ids)
-        self.progress, self.count = progress, 0
-
-    def put(self, tokens):
-        tokens = np.asarray(tokens)
-        self.count += int((~self.finished[:self.real_rows]).sum())
-        self.finished |= np.isin(tokens, self.stop_ids)
-        self.progress.draw(self.count)
-
-    def end(self):
-        pass
+    response, _ = finish_turn(tokenizer, family, request.query, request.history, seq.output_ids, request.role)
+    return {"id": request.id, "response": response, "prompt_tokens": len(request.ids),
+            "completion_tokens": len(seq.output_ids), "finish_reason": seq.finish_reason,
+            "seconds": round(seq.finish_time - seq.arrival_time, 4)}
 
 
-def run_batch(model, tokenizer, run, batch: list, progress: Progress, rows: Optional[int] = None) -> list:
-    """Generate one batch; the output records, in batch order.
+def run_lines(model, tokenizer, family: str, todo: list, write, progress: Progress, interrupt) -> None:
+    """Feed the engine continuously: up to max_num_seqs lines at once, the next one added as soon
+    as a row frees up; `write(records)` gets each step's finished lines. An interrupt stops the
+    feeding and lets the lines in flight finish."""
+    from mindglm.chat import stop_token_ids, tool_call_token_ids
 
-    `rows`: run the batch with this many rows, the missing ones filled with copies of the last
-    request (their output is dropped), so that every batch has the same shape and the compiled
-    graphs are reused instead of being compiled again for a short last batch.
-    """
-    from mindglm.chat import finish_turn, stop_token_ids
-
-    family = run.family
-    stop_ids = stop_token_ids(tokenizer, family)
-    pad = run.model.pad_id
-    padded = batch + [batch[-1]] * max((rows or 0) - len(batch), 0)
-    length = max(len(r.ids) for r in padded)
-    input_ids = np.full((len(padded), length), pad, np.int64)
-    mask = np.zeros((len(padded), length), np.int64)
-    for row, request in enumerate(padded):
-        input_ids[row, length - len(request.ids):] = request.ids
-        mask[row, length - len(request.ids):] = 1
-    budget = max(r.budget for r in batch)
-    settings = {k: v for k, v in batch[0].generation.items() if k not in BUDGET_KEYS}
-    start = time.perf_counter()
-    if budget > 0:
-        output = model.generate(input_ids, attention_mask=mask, max_new_tokens=budget, eos_token_id=stop_ids,
-                                streamer=_CountingStreamer(len(padded), len(batch), stop_ids, progress),
-                                **settings)
-    else:
-        output = input_ids
-    seconds = time.perf_counter() - start
-    records = []
-    for row, request in enumerate(batch):
-        new = [int(t) for t in output[row, length:length + request.budget]]
-        stops = [i for i, t in enumerate(new) if t in stop_ids]
-        finish = "stop" if stops else "length"
-        if stops:
-            new = new[:stops[0] + 1]
-        response, _ = finish_turn(tokenizer, family, request.query, request.history, new, request.role)
-        records.append({"id": request.id, "response": response, "prompt_tokens": len(request.ids),
-                        "completion_tokens": len(new), "finish_reason": finish, "seconds": round(seconds, 4)})
-    return records
+    engine = model.engine
+    stop_ids, tool_ids = stop_token_ids(tokenizer, family), tool_call_token_ids(tokenizer, family)
+    pending, running = list(reversed(todo)), {}
+    while pending or running:
+        while pending and len(running) < engine.engine_config.max_num_seqs and not interrupt.requested:
+            request = pending.pop()
+            seq = engine.add_request(request.ids, request.config, stop_ids=stop_ids, tool_call_ids=tool_ids)
+            running[seq.request_id] = (seq, request)
+        if not running:
+            return
+        engine.step()
+        finished = [item for item in running.values() if item[0].finished]
+        for seq, _ in finished:
+            del running[seq.request_id]
+        if finished:
+            write([record_of(seq, request, tokenizer, family) for seq, request in finished])
+        progress.draw(sum(len(seq.output_ids) for seq, _ in running.values()))
 
 
 # ---------------------------------------------------------------------------------- main
@@ -307,7 +254,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", help="a .ckpt or a THUDM model dir (alone: a THUDM dir, all inferred)")
     parser.add_argument("--input", required=True, help="prompts: .jsonl (format above) or plain text, one per line")
     parser.add_argument("--output", required=True, help="JSONL answers (appended to with --resume)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="lines generated at once (default 8)")
     parser.add_argument("--resume", action="store_true", help="skip ids already in --output and append")
     parser.add_argument("--strict", action="store_true", help="any bad input line is an error (nothing is generated)")
     parser.add_argument("--device", choices=["CPU", "GPU", "Ascend"], help="override context.device_target")
@@ -332,7 +279,8 @@ def main(argv=None) -> int:
                              "or remove it")
         done = read_done_ids(args.output) if args.resume else set()
         tokenizer = run.load_tokenizer()
-        bad += prepare(requests, run, tokenizer)
+        engine_config = dataclasses.replace(run.engine, max_num_seqs=args.batch_size)
+        bad += prepare(requests, run, tokenizer, engine_config.model_len(run.model.seq_length))
         for line, reason in sorted(bad):
             print(f"{args.input}:{line}: {reason}; skipped", file=sys.stderr)
         if bad and args.strict:
@@ -348,24 +296,23 @@ def main(argv=None) -> int:
         apply_context(run.context)
         run.require_checkpoint()
         model = run.build_model()
+        model.engine_config = engine_config
     except (ConfigError, CheckpointError, ChatError, BatchError) as exc:
         print(f"batch_infer.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for note in run.notes:
         print(f"note: {note}", file=sys.stderr)
 
-    batches = make_batches(todo, args.batch_size)
-    rows = max(len(batch) for batch in batches)  # one batch shape for all: compiled graphs are reused
     progress = Progress(len(todo))
     # SIGTERM too: MindSpore's graph runtime turns Ctrl-C during a graph run into SIGTERM
-    interrupt = InterruptFlag("\ninterrupt: finishing the current batch (interrupt again to stop now)\n")
+    interrupt = InterruptFlag("\ninterrupt: finishing the lines in flight (interrupt again to stop now)\n")
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     written = 0
     try:
         with open(args.output, "a", encoding="utf-8") as out:
-            for batch in batches:
-                signal.signal(signal.SIGINT, interrupt)  # MindSpore replaces it on every graph run
-                records = run_batch(model, tokenizer, run, batch, progress, rows)
+            def write(records):
+                nonlocal written
                 out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
                 out.flush()
                 os.fsync(out.fileno())
@@ -373,8 +320,11 @@ def main(argv=None) -> int:
                 progress.rows += len(records)
                 progress.tokens += sum(r["completion_tokens"] for r in records)
                 progress.draw(force=True)
-                if interrupt.requested:
-                    raise KeyboardInterrupt
+                signal.signal(signal.SIGINT, interrupt)  # MindSpore replaces it on graph runs
+
+            run_lines(model, tokenizer, run.family, todo, write, progress, interrupt)
+        if interrupt.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(f"\ninterrupted: {written} line(s) written to {args.output}; rerun with --resume to continue",
               file=sys.stderr)

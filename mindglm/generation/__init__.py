@@ -1,6 +1,5 @@
-"""Decoding: logits processors, sampling, the decode loop, model runners and streamers."""
+"""Decoding settings, logits processors, sampling and streamers (the loop itself is mindglm.engine)."""
 from mindglm.generation.config import GenerationConfig
-from mindglm.generation.decode import decode_steps, generate
-from mindglm.generation.streamers import Streamer, TokenCollector
+from mindglm.generation.streamers import Streamer
 
-__all__ = ["GenerationConfig", "generate", "decode_steps", "Streamer", "TokenCollector"]
+__all__ = ["GenerationConfig", "Streamer"]

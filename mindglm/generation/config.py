@@ -10,7 +10,9 @@ from mindglm.config import ConfigError
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings. `max_new_tokens` wins over `max_length` (prompt + new) when both are set.
+    """Decoding settings. `max_new_tokens` wins over `max_length` (prompt + new) when both are set;
+    with neither, a reply may run to the end of the context (the budget rule is
+    `mindglm.engine.token_budget`, the same for every front end).
 
     eos_token_id: None uses the model's stop ids; -1 (or []) never stops early.
     top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it.
@@ -61,14 +63,6 @@ class GenerationConfig:
             return list(default)
         ids = [self.eos_token_id] if _is_int(self.eos_token_id) else list(self.eos_token_id)
         return [i for i in ids if i >= 0]
-
-    def new_token_budget(self, prompt_length: int) -> int:
-        """How many tokens to generate after a prompt of `prompt_length`."""
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        if self.max_length is not None:
-            return max(self.max_length - prompt_length, 0)
-        return 20  # transformers' default max_length
 
 
 def _is_int(v) -> bool:

@@ -37,9 +37,9 @@ class Block(nn.Cell):
             return x
         return x * self.residual_scale
 
-    def construct(self, h, cos, sin, mask, cache_slots=None):
+    def construct(self, h, cos, sin, mask, slot_mapping=None, kv_rows=None):
         x = self.input_norm(h)
-        h = self._residual(h, x) + self.attention(x, cos, sin, mask, cache_slots)
+        h = self._residual(h, x) + self.attention(x, cos, sin, mask, slot_mapping, kv_rows)
         x = self.post_attention_norm(h)
         return self._residual(h, x) + self.mlp(x)
 
@@ -69,20 +69,22 @@ class RotaryTable(nn.Cell):
 class GLMTransformer(nn.Cell):
     """Embedding, blocks, final norm and output projection (tied to the embedding for GLM v1).
 
-    Inputs (all int32 Tensors, built on the host by the family's input preparation):
+    Inputs (int32 Tensors, built on the host from a step plan or a prompt):
       input_ids [batch, seq]; position_ids [batch, channels, seq];
-      key_valid [batch, keys] — which keys are real (keys = seq without cache; with a cache, the
-      window of cache slots attended to);
-      query_slots [seq] — each query's index on the key axis; prefix_lengths [batch] — keys every
-      query may see (GLM v1's bidirectional context), 0 for ChatGLM2/3;
-      cache_slots [seq] or None — where to write new keys/values in the KV cache.
-    `last_only` projects only the final position to the vocabulary (what generation needs).
+      key_valid [batch, keys] — which keys are real (keys = seq without a cache; with one, the
+      window of each row's cache slots attended to);
+      query_index [batch, seq] — each query's index on its row's key axis;
+      context_lengths [batch] — keys every query may see (GLM v1's bidirectional context), 0 for
+      ChatGLM2/3;
+      slot_mapping [batch * seq] and kv_rows [batch], or None — with a KV cache: the flat cache
+      slot each new token's key/value goes to, and the cache row each batch row attends to;
+      last_index [batch] or None — project only each row's token at that index to the
+      vocabulary (what generation needs), giving [batch, vocab]; None: every position.
     """
 
     def __init__(self, config, blocks, final_norm, rotary_table: RotaryTable):
         super().__init__()
         self.config = config
-        self.kv_heads = config.kv_heads
         param_dtype = ms_dtype(config.param_dtype)
         self.compute_dtype = ms_dtype(config.compute_dtype)
         self.embedding = Embedding(config.vocab_size, config.hidden_size, param_dtype)
@@ -94,24 +96,27 @@ class GLMTransformer(nn.Cell):
             self.output = Linear(config.hidden_size, config.vocab_size, False, param_dtype, self.compute_dtype)
         self.logits_matmul = ops.MatMul(transpose_b=True)
 
-    def construct(self, input_ids, position_ids, key_valid, query_slots, prefix_lengths,
-                  cache_slots=None, last_only=False):
+    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths,
+                  slot_mapping=None, kv_rows=None, last_index=None):
         h = self.embedding(input_ids).astype(self.compute_dtype)
         cos, sin = self.rotary_table(position_ids)
-        mask = attention_mask(key_valid, query_slots, prefix_lengths, key_valid.shape[1])
+        mask = attention_mask(key_valid, query_index, context_lengths)
         for block in self.layers:
-            h = block(h, cos, sin, mask, cache_slots)
-        if last_only:
-            h = h[:, -1:, :]
+            h = block(h, cos, sin, mask, slot_mapping, kv_rows)
+        if last_index is not None:
+            batch, seq, hidden = h.shape
+            rows = ops.arange(batch, dtype=ms.int32) * seq + last_index.astype(ms.int32)
+            h = ops.gather(h.reshape(batch * seq, hidden), rows, 0).reshape(batch, 1, hidden)
         h = self.final_norm(h)
-        return self.project(h)
+        logits = self.project(h)
+        return logits if last_index is None else logits.reshape(logits.shape[0], -1)
 
-    def setup_caches(self, batch: int, max_seq: int):
-        """Attach a KVCache of `max_seq` slots for `batch` rows to every attention layer."""
-        dtype = self.compute_dtype
+    def setup_caches(self, rows: int, max_len: int):
+        """Attach a KVCache pool of `rows` rows x `max_len` slots to every attention layer."""
         for index, block in enumerate(self.layers):
-            block.attention.cache = KVCache(batch, self.kv_heads, max_seq, self.config.head_dim, dtype,
-                                            name=f"layers.{index}.attention.cache")
+            # Named by hand: a cell attached after build does not get its path as a name prefix.
+            block.attention.cache = KVCache(rows, max_len, self.config.kv_heads, self.config.head_dim,
+                                            self.compute_dtype, name=f"layers.{index}.attention.cache")
 
     def project(self, h):
         """Hidden states [batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""

@@ -1,36 +1,44 @@
-"""Static KV cache: per-layer key/value Parameters written in place inside the compiled graph.
+"""KV cache pool: a fixed set of rows, each holding one sequence's keys and values, written in
+place inside the compiled graph.
 
-Layout [max_seq, batch, kv_heads, head_dim], slot-major: writing the new slots is one in-place
-ScatterUpdate along the first axis, whatever the batch (measured here: a [batch, heads, slot,
-dim] layout written with ScatterNdUpdate copied the whole cache on every write, ~11 ms per step
-at batch 8 on the `small` benchmark model, against ~1 ms). ChatGLM2/3 store only their
-`multi_query_group_num` key/value heads. Every row of a (left-padded) batch writes the same
-slots. Attention reads only the first `window` slots — the runner sizes the window to the
-prompt bucket plus the reply — so a step costs what the conversation needs, not the whole
-cache. Stale slots from an earlier prompt need no clearing: the mask only admits slots written
-for the current sequence.
+One layer's keys are a flat Parameter [rows * max_len, kv_heads, head_dim] (values alike): row r
+owns slots r*max_len .. r*max_len + max_len - 1. New keys are written at a per-token slot
+mapping with one in-place ScatterUpdate along the first axis, so rows that prefill, decode or
+idle share one call; attention then gathers each row's first `window` slots. Measured here (one
+layer, fp32): the write and the gather cost about what a single-batch cache did and stay flat as
+the pool grows, while a ScatterNdUpdate on a [batch, heads, slot, dim] layout copied the whole
+cache on every write (11.7 ms at 16k slots) and reading by reshaping the whole Parameter copied
+it too (13 ms at 16k).
+
+ChatGLM2/3 store only their `multi_query_group_num` key/value heads. Stale slots need no
+clearing: the mask only admits slots written for the row's current sequence.
 """
 from __future__ import annotations
 
+import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
 
 class KVCache(nn.Cell):
-    """Keys and values of one layer for `max_seq` slots."""
+    """Keys and values of one layer for `rows` rows of `max_len` slots."""
 
-    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, name: str = "cache"):
+    def __init__(self, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, name: str = "cache"):
         super().__init__()
-        shape = (max_seq, batch, kv_heads, head_dim)
-        self.batch, self.max_seq = batch, max_seq
+        self.max_len = max_len
+        shape = (rows * max_len, kv_heads, head_dim)
         self.key = Parameter(initializer("zeros", shape, dtype), name=f"{name}.key", requires_grad=False)
         self.value = Parameter(initializer("zeros", shape, dtype), name=f"{name}.value", requires_grad=False)
         self.scatter = ops.ScatterUpdate()
 
-    def update(self, k, v, slots, window: int):
-        """Write k, v [batch, kv_heads, seq, head_dim] at `slots` [seq]; return the first `window`
-        slots of both caches as [batch, kv_heads, window, head_dim]."""
-        key = ops.depend(self.key, self.scatter(self.key, slots, k.transpose(2, 0, 1, 3).astype(self.key.dtype)))
-        value = ops.depend(self.value,
-                           self.scatter(self.value, slots, v.transpose(2, 0, 1, 3).astype(self.value.dtype)))
-        return key[:window].transpose(1, 2, 0, 3), value[:window].transpose(1, 2, 0, 3)
+    def update(self, k, v, slot_mapping, kv_rows, window: int):
+        """Write k, v [batch, seq, kv_heads, head_dim] at `slot_mapping` [batch * seq] (flat slot
+        of every token), then return the first `window` slots of each row in `kv_rows` [batch]
+        as [batch, kv_heads, window, head_dim]."""
+        batch, seq, heads, dim = k.shape
+        written_k = self.scatter(self.key, slot_mapping, k.reshape(batch * seq, heads, dim).astype(self.key.dtype))
+        written_v = self.scatter(self.value, slot_mapping, v.reshape(batch * seq, heads, dim).astype(self.value.dtype))
+        slots = (kv_rows.reshape(-1, 1) * self.max_len + ops.arange(window, dtype=ms.int32).reshape(1, -1)).reshape(-1)
+        keys = ops.gather(ops.depend(self.key, written_k), slots, 0).reshape(batch, window, heads, dim)
+        values = ops.gather(ops.depend(self.value, written_v), slots, 0).reshape(batch, window, heads, dim)
+        return keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)

@@ -155,17 +155,18 @@ class Rotary(nn.Cell):
 
 
 # ---------------------------------------------------------------------------------- attention
-def attention_mask(key_valid, query_slots, prefix_lengths, num_keys: int):
-    """Boolean [batch, 1, queries, keys]: may query s attend to key k?
+def attention_mask(key_valid, query_index, context_lengths):
+    """Boolean [batch, 1, queries, keys]: may query s of row b attend to key k?
 
-    key_valid [batch, keys] marks real (non-padding, already written) keys; query_slots [queries]
-    is each query's index on the key axis (causal: keys at or before it); prefix_lengths [batch]
-    lets every query see keys < prefix_length (GLM v1's bidirectional context; 0 elsewhere).
+    key_valid [batch, keys] marks real (written, non-padding) keys; query_index [batch, queries]
+    is each query's index on its row's key axis (causal: keys at or before it); context_lengths
+    [batch] lets every query see keys < context_length (GLM v1's bidirectional context; 0
+    elsewhere).
     """
-    key_index = ops.arange(num_keys, dtype=ms.int32)
-    causal = key_index.reshape(1, 1, -1) <= query_slots.astype(ms.int32).reshape(1, -1, 1)
-    in_prefix = key_index.reshape(1, 1, -1) < prefix_lengths.astype(ms.int32).reshape(-1, 1, 1)
-    allowed = ops.logical_and(ops.logical_or(causal, in_prefix), key_valid.astype(ms.bool_).expand_dims(1))
+    key_index = ops.arange(key_valid.shape[1], dtype=ms.int32).reshape(1, 1, -1)
+    causal = key_index <= query_index.astype(ms.int32).expand_dims(-1)
+    in_context = key_index < context_lengths.astype(ms.int32).reshape(-1, 1, 1)
+    allowed = ops.logical_and(ops.logical_or(causal, in_context), key_valid.astype(ms.bool_).expand_dims(1))
     return allowed.expand_dims(1)
 
 
@@ -255,8 +256,9 @@ class SelfAttention(nn.Cell):
 
     The qkv weight rows are [q of all heads | k of all kv heads | v of all kv heads]; GLM v1's
     per-head interleaved rows are regrouped at conversion so both families share this Cell.
-    Given `cache_slots`, new keys/values are written there in the attached KVCache and attention
-    runs over the cache window the mask covers; otherwise over the current chunk.
+    Given `slot_mapping` and `kv_rows`, new keys/values are written at their slots in the
+    attached KVCache and attention runs over each row's cache window (as wide as the mask);
+    otherwise over the current chunk alone.
     """
 
     def __init__(self, config, rotary: Rotary, query_scale: float, score_scale: float = 1.0):
@@ -275,17 +277,18 @@ class SelfAttention(nn.Cell):
         self.cache = None  # a KVCache once setup_caches() attaches one
         self.core = attention_core(config, query_scale, score_scale)
 
-    def construct(self, x, cos, sin, mask, cache_slots=None):
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
         batch, seq, _ = x.shape
         qkv = self.qkv(x)
         q = qkv[..., : self.q_size].reshape(batch, seq, self.num_heads, self.head_dim)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(batch, seq, self.kv_heads, self.head_dim)
         v = qkv[..., self.q_size + self.kv_size:].reshape(batch, seq, self.kv_heads, self.head_dim)
         q = self.rotary(q, cos, sin).transpose(0, 2, 1, 3)
-        k = self.rotary(k, cos, sin).transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
-        if cache_slots is not None:
-            k, v = self.cache.update(k, v, cache_slots, mask.shape[-1])
+        k = self.rotary(k, cos, sin)
+        if slot_mapping is not None:
+            k, v = self.cache.update(k, v, slot_mapping, kv_rows, mask.shape[-1])
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out = self.core(q, k, v, mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size)
         return self.dense(out)

@@ -1,0 +1,61 @@
+"""EngineConfig: how many sequences run at once, how long each may grow, how prompts are cut."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mindglm.config import ConfigError
+
+DEFAULT_MAX_MODEL_LEN = 8192  # a row's slots when the model's own context is longer (32k models)
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings (YAML section `engine:`).
+
+    max_num_seqs: cache rows, i.e. sequences decoded together; max_model_len: slots per row —
+    prompt plus reply (None: the model's seq_length, at most 8192); chunk_size: prompt tokens
+    prefilled per step, so a long prompt never stalls running sequences for more than one chunk;
+    max_waiting: requests queued for a row before add_request refuses more (QueueFull).
+    The cache holds max_num_seqs x max_model_len slots per layer, allocated once.
+    """
+
+    max_num_seqs: int = 8
+    max_model_len: Optional[int] = None
+    chunk_size: int = 256
+    max_waiting: int = 256
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "chunk_size", "max_waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"engine setting '{name}' must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or
+                                               not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
+            raise ConfigError(f"engine setting 'max_model_len' must be a positive integer, got {self.max_model_len!r}")
+
+    def model_len(self, seq_length: int) -> int:
+        """Slots per row for a model whose context is `seq_length`."""
+        if self.max_model_len is None:
+            return min(seq_length, DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > seq_length:
+            raise ConfigError(f"engine.max_model_len {self.max_model_len} exceeds the model's context "
+                              f"(seq_length {seq_length}): lower it")
+        return self.max_model_len
+
+
+def bucket_for(value: int, buckets: list) -> int:
+    """The smallest bucket >= value (buckets sorted ascending; the last one must hold it)."""
+    for bucket in buckets:
+        if bucket >= value:
+            return bucket
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+def powers_of_two_up_to(limit: int) -> list:
+    """[1, 2, 4, ..., limit] (limit itself always included)."""
+    values, value = [], 1
+    while value < limit:
+        values.append(value)
+        value *= 2
+    return values + [limit]
