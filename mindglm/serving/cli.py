@@ -48,32 +48,21 @@ def served_name(checkpoint: str) -> str:
     return name if os.path.isdir(path) else os.path.splitext(name)[0]
 
 
-def _check_positive(value, option: str) -> None:
-    from mindglm.config import ConfigError
-    if value is not None and value < 1:
-        raise ConfigError(f"{option} must be at least 1, got {value}")
-
-
 def build(args):
-    """(model, tokenizer, RunConfig) from the command line, the engine configured but not warmed."""
+    """(model, tokenizer, RunConfig, checkpoint) from the command line; the engine is not built yet."""
     from mindglm.config import ConfigError
     from mindglm.yaml_config import apply_context, resolve_run
 
-    _check_positive(args.max_num_seqs, "--max-num-seqs")
-    _check_positive(args.max_waiting, "--max-waiting")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    run = resolve_run(args.config, args.checkpoint, args.device, args.overrides)
+    # the engine options are the YAML's `engine:` keys, checked where every engine setting is
+    engine = [(f"engine.{key}", value) for key, value in (("max_num_seqs", args.max_num_seqs),
+                                                          ("max_waiting", args.max_waiting)) if value is not None]
+    run = resolve_run(args.config, args.checkpoint, args.device, list(args.overrides) + engine)
     checkpoint = run.require_checkpoint()
     tokenizer = run.load_tokenizer()
     apply_context(run.context)
-    model = run.build_model()
-    # engine settings must be in place before model.engine is first touched
-    if args.max_num_seqs is not None:
-        model.engine_config.max_num_seqs = args.max_num_seqs
-    if args.max_waiting is not None:
-        model.engine_config.max_waiting = args.max_waiting
-    return model, tokenizer, run, checkpoint
+    return run.build_model(), tokenizer, run, checkpoint
 
 
 def main(argv=None) -> int:

@@ -63,7 +63,8 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, callback: Callback, **request) -> concurrent.futures.Future:
-        """Queue `engine.add_request(**request)`; the future holds the Sequence (or its error)."""
+        """Queue `engine.add_request(**request)` (`request_id` required); the future holds the
+        Sequence (or its error)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request, callback, future))
         self._wake.set()
@@ -126,12 +127,14 @@ class EngineLoop:
                 if payload in self._callbacks:
                     self.engine.abort(payload)
                 continue
+            # registered first: the engine may report a sequence finished inside add_request
+            self._callbacks[payload["request_id"]] = callback
             try:
                 sequence = self.engine.add_request(listener=self._listener, **payload)
             except Exception as exc:  # noqa: BLE001  (PromptTooLong, QueueFull, bad settings: the caller maps it)
+                self._callbacks.pop(payload["request_id"], None)
                 future.set_exception(exc)
                 continue
-            self._callbacks[sequence.request_id] = callback
             future.set_result(sequence)
 
     def _listener(self, sequence, new_ids) -> None:
