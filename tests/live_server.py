@@ -13,7 +13,15 @@ import httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIGS = {family: os.path.join(REPO, "configs", "tiny", f"{family}_e2e.yaml")
                 for family in ("chatglm", "chatglm2", "chatglm3")}
-STARTUP_SECONDS = 300  # model build + engine warm-up on a loaded 2-core machine
+STARTUP_SECONDS = 600  # model build + engine warm-up on a loaded 2-core machine
+GUARDED_KEY = "test-key-13"
+# the shared servers of the session (tests/conftest.py: `live_servers`)
+SERVER_ARGS = {
+    **{family: ["--config", config] for family, config in TINY_CONFIGS.items()},
+    # an API key, one cache row and one waiting place: for 401, 429 and disconnects
+    "guarded": ["--config", TINY_CONFIGS["chatglm2"], "--api-key", GUARDED_KEY, "--max-num-seqs", "1",
+                "--max-waiting", "1", "--served-model-name", "guarded"],
+}
 
 
 def free_port() -> int:
@@ -79,3 +87,22 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait(10)
         return self.process.returncode
+
+
+class ServerPool:
+    """The session's servers, started on first use (several at once warm up in parallel)."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.servers = log_dir, {}
+
+    def get(self, *names) -> dict:
+        fresh = [name for name in names if name not in self.servers]
+        for name in fresh:
+            self.servers[name] = LiveServer(SERVER_ARGS[name], os.path.join(self.log_dir, f"{name}.log"))
+        for name in fresh:
+            self.servers[name].wait_healthy()
+        return {name: self.servers[name] for name in names}
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()

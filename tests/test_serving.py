@@ -14,10 +14,10 @@ import openai
 import pytest
 
 from conftest import FIXTURES, reference_chat
-from live_server import TINY_CONFIGS, LiveServer
+from live_server import GUARDED_KEY, TINY_CONFIGS, LiveServer
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
-API_KEY = "test-key-13"
+API_KEY = GUARDED_KEY
 
 
 def golden_cases(family):
@@ -38,21 +38,9 @@ def to_messages(query, history, family):
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(live_servers):
     """One server per family, plus one chatglm2 server with an API key, one row and a queue of one."""
-    logs = tmp_path_factory.mktemp("serve-logs")
-    started = {family: LiveServer(["--config", TINY_CONFIGS[family]], str(logs / f"{family}.log"))
-               for family in FAMILIES}
-    started["guarded"] = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--api-key", API_KEY,
-                                     "--max-num-seqs", "1", "--max-waiting", "1",
-                                     "--served-model-name", "guarded"], str(logs / "guarded.log"))
-    try:
-        for server in started.values():
-            server.wait_healthy()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    return live_servers.get(*FAMILIES, "guarded")
 
 
 def client(server, key="unused"):
@@ -387,7 +375,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     """Running replies finish, new requests get 503 meanwhile, a reply past the grace period gets an
     error inside its stream, then the process exits with status 0."""
     # a longer context than the fixture's, so that the long reply cannot finish within the grace period
-    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2",
+    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2", "--max-num-seqs", "2",
                          "--set", "model.model_config.seq_length=2048"], str(tmp_path / "drain.log"))
     server.wait_healthy()
     results = {}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import reference_chat
-from live_server import TINY_CONFIGS, LiveServer
+from live_server import TINY_CONFIGS
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:  # .ci/run installs Debian's chromium; a bare dev machine may lack it
@@ -21,10 +21,8 @@ CONFIG = TINY_CONFIGS["chatglm3"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    live = LiveServer(["--config", CONFIG], str(tmp_path_factory.mktemp("web") / "serve.log")).wait_healthy()
-    yield live
-    live.stop()
+def server(live_servers):
+    return live_servers.get("chatglm3")["chatglm3"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +56,12 @@ def send(page, text):
         new MutationObserver(() => window.updates++).observe(document.querySelector('#log'),
                                                                {subtree: true, characterData: true, childList: true});
     }""")
+    replies = page.locator(".msg.assistant").count()
     page.fill("#input", text)
     page.press("#input", "Enter")
-    wait_status(page, "generating…")
-    wait_status(page, "ready")
+    # (a fast reply can be over before a poll would see "generating…")
+    page.wait_for_function(f"document.querySelectorAll('.msg.assistant').length > {replies} && "
+                           "document.querySelector('#status').textContent === 'ready'", timeout=60000)
     return page.locator(".msg.assistant .text").last.inner_text(), page.evaluate("window.updates")
 
 

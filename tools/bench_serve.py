@@ -56,7 +56,7 @@ def benchmark_model(name: str, work_dir: str, seed: int = 0) -> str:
         import mindspore as ms
         config = GLMConfig(family="chatglm2", use_past=True, pad_token_id=0, **CONFIGS[name])
         weights = random_weights(config, seed)
-        partial = checkpoint + ".partial"
+        partial = checkpoint[:-len(".ckpt")] + ".partial.ckpt"  # save_checkpoint insists on .ckpt
         ms.save_checkpoint([{"name": key, "data": ms.Tensor(value)} for key, value in weights.items()], partial)
         os.replace(partial, checkpoint)
     run_config = {
