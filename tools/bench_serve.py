@@ -14,6 +14,10 @@ serves a real run config), or `--base-url` points at one already running. `--com
 runs the same load against the same server started with `--max-num-seqs 1` — one request at a
 time, what THUDM's and chatglm.cpp's servers do — and reports the ratios. `--engine-baseline`
 then times the engine's batch-1 decode step in-process on the same model, without HTTP.
+Before the load, `--solo-requests` requests run alone (the TTFT and TPOT of one stream) and one
+prompt of `--chunk-size` tokens (one prefill chunk); `targets` compares the run with the goals:
+batched/serial output tokens/s, one stream's TPOT over the engine's step, p99 TTFT under load
+against 2 x the single TTFT + one chunk, and graphs compiled after warm-up.
 
     python tools/bench_serve.py --model small --num-prompts 32 --max-concurrency 8 --compare-serial
     python tools/bench_serve.py --model small --num-prompts 16 --request-rate 2
@@ -183,16 +187,51 @@ def summarize(results: list, duration: float) -> dict:
             "e2el_ms": _stats([r["latency"] for r in done])}
 
 
-def bench(url: str, args, prompts: list) -> dict:
+def solo_probes(url: str, model: str, args, prompts: list) -> dict:
+    """Requests alone on the server: TTFT and TPOT of one stream, and the TTFT of a prompt of one
+    prefill chunk (`--chunk-size` tokens), the unit of the TTFT target under load."""
+    singles = [asyncio.run(run_load(url, model, [prompt], args.output_len, 1, None, args.seed))[0][0]
+               for prompt in prompts[:args.solo_requests]]
+    chunk_prompt = [int(i) for i in np.random.default_rng(args.seed + 1).integers(100, 60000, args.chunk_size)]
+    chunk = asyncio.run(run_load(url, model, [chunk_prompt], 2, 1, None, args.seed))[0][0]
+    failed = [r["error"] for r in singles + [chunk] if not r["ok"]]
+    if failed:
+        raise SystemExit(f"solo requests failed: {failed[:2]}")
+    return {"ttft_ms": float(np.median([r["ttft"] for r in singles]) * 1e3),
+            "tpot_ms": float(np.median([r["tpot"] for r in singles]) * 1e3),
+            "chunk_prefill_ttft_ms": chunk["ttft"] * 1e3, "chunk_size": args.chunk_size,
+            "requests": len(singles)}
+
+
+def bench(url: str, args, prompts: list, solo: bool = True) -> dict:
     model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    # one request first: nothing of the measured run pays for first-use costs
+    # one request first: nothing measured pays for first-use costs
     asyncio.run(run_load(url, model, prompts[:1], 4, 1, None, args.seed))
     compiles = graph_compiles(url)
+    report = {"solo": solo_probes(url, model, args, prompts)} if solo else {}
     results, duration = asyncio.run(run_load(url, model, prompts, args.output_len, args.max_concurrency,
                                              args.request_rate, args.seed))
-    report = summarize(results, duration)
-    report["graph_compiles_during_run"] = graph_compiles(url) - compiles
+    report.update(summarize(results, duration))
+    report["graph_compiles_during_run"] = graph_compiles(url) - compiles  # solo probes included
     return report
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, computed from this run (None where the run lacks the measurement)."""
+    batched = report.get("batched") or report.get("server")
+    solo = batched["solo"]
+    out = {"p99_ttft_ms": batched["ttft_ms"]["p99"],
+           "p99_ttft_bound_ms (2 x single + chunk)": 2 * solo["ttft_ms"] + solo["chunk_prefill_ttft_ms"],
+           "graph_compiles_after_warmup": sum(report[k]["graph_compiles_during_run"]
+                                              for k in ("batched", "serial", "server") if k in report)}
+    out["p99_ttft_within_bound"] = out["p99_ttft_ms"] <= out["p99_ttft_bound_ms (2 x single + chunk)"]
+    if "serial" in report:
+        ratio = batched["output_throughput"] / report["serial"]["output_throughput"]
+        out.update({"batched_over_serial_output_tokens_per_s": ratio, "batched_over_serial_at_least_3.5": ratio >= 3.5})
+    if "engine_batch1" in report:
+        ratio = solo["tpot_ms"] / report["engine_batch1"]["median_step_ms"]
+        out.update({"single_stream_tpot_over_engine_step": ratio, "tpot_within_15_percent": ratio <= 1.15})
+    return out
 
 
 # ---------------------------------------------------------------------------------- engine baseline
@@ -236,6 +275,8 @@ def parse_args(argv=None):
                         help="also run the load against the server started with --max-num-seqs 1")
     parser.add_argument("--engine-baseline", action="store_true",
                         help="also time the engine's batch-1 decode step in-process")
+    parser.add_argument("--solo-requests", type=int, default=3, help="requests run alone first (TTFT/TPOT of one)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="the engine's prefill chunk (engine.chunk_size)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "mindglm-bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the JSON here")
@@ -244,7 +285,7 @@ def parse_args(argv=None):
         args.max_concurrency = args.max_num_seqs
     if args.base_url and (args.compare_serial or args.engine_baseline):
         parser.error("--compare-serial and --engine-baseline start their own servers: use --model or --config")
-    for name in ("num_prompts", "input_len", "output_len", "max_num_seqs"):
+    for name in ("num_prompts", "input_len", "output_len", "max_num_seqs", "solo_requests", "chunk_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -265,7 +306,7 @@ def main(argv=None) -> int:
         for name, rows in runs:
             server = Server(config, rows, os.path.join(args.work_dir, f"serve-{name}.log"))
             try:
-                report[name] = bench(server.url, args, prompts)
+                report[name] = bench(server.url, args, prompts, solo=name == "batched")
                 report[name]["max_num_seqs"] = rows
                 report[name]["server_startup_s"] = server.startup_s
             finally:
@@ -279,6 +320,7 @@ def main(argv=None) -> int:
         if args.engine_baseline:
             baseline = engine_batch1_step_ms(config, args.input_len, args.output_len, args.seed)
             report["engine_batch1"] = baseline
+    report["targets"] = targets(report)
     report["load_average_end"] = list(os.getloadavg())
     text = json.dumps(report, indent=1)
     print(text)
