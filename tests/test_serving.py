@@ -413,3 +413,70 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     error = json.loads(long_events[-2])["error"]
     assert error["code"] == 503 and "shutting down" in error["message"]
     assert "drain" in server.log()
+
+
+# ---------------------------------------------------------------------------------- units (no server)
+def v3_tokenizer():
+    import mindglm
+    return mindglm.load_tokenizer(os.path.join(FIXTURES, "chat", "chatglm3-e2e"))
+
+
+WEATHER_TOOLS = [{"name": "get_weather", "description": "Weather of a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def test_a_chatglm3_tool_call_comes_back_as_tool_calls():
+    """The ids ChatGLM3 writes for a tool call: nothing streamed as content, then tool_calls."""
+    from mindglm.chat import stop_token_ids, system_messages
+    from mindglm.serving.replies import Reply
+    tokenizer = v3_tokenizer()
+    ids = tokenizer.encode_plain("get_weather\n```python\ntool_call(city='北京', days=2)\n```")
+    reply = Reply(tokenizer, "chatglm3", True, system_messages(None, WEATHER_TOOLS), [], stop_token_ids(tokenizer))
+    deltas = [reply.push([i]) for i in ids] + [reply.push([tokenizer.role_token_id("observation")], True)]
+    assert deltas == [""] * len(deltas)
+    final = reply.finish("tool_calls")
+    assert final.text is None and final.finish_reason == "tool_calls" and len(final.tool_calls) == 1
+    call = final.tool_calls[0]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "北京", "days": 2}
+    # a call whose arguments are not literals is never evaluated: it stays text
+    unsafe = Reply(tokenizer, "chatglm3", True, system_messages(None, WEATHER_TOOLS), [], [])
+    unsafe.push(tokenizer.encode_plain("get_weather\n```python\ntool_call(city=__import__('os'))\n```"))
+    final = unsafe.finish("tool_calls")
+    assert final.tool_calls == [] and final.finish_reason == "stop" and "tool_call(" in final.text
+
+
+def test_tool_turns_build_chatglm3s_own_prompt():
+    """OpenAI's assistant tool_calls + tool message = ChatGLM3's assistant metadata turn + observation."""
+    from mindglm.chat import build_chat_ids, system_messages
+    from mindglm.serving.prompts import chat_prompt
+    from mindglm.serving.protocol import ChatCompletionRequest
+    tokenizer = v3_tokenizer()
+    request = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "北京天气"},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "call_1", "type": "function",
+                          "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+                     {"role": "tool", "content": "{\"temperature\": 20}"}],
+        "tools": [{"type": "function", "function": WEATHER_TOOLS[0]}]})
+    prompt = chat_prompt(request, tokenizer, "chatglm3")
+    history = system_messages(None, WEATHER_TOOLS) + [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"}]
+    assert prompt.ids == build_chat_ids(tokenizer, "chatglm3", "{\"temperature\": 20}", history, role="observation")
+    assert prompt.tool_call_ids == [tokenizer.role_token_id("observation")] and prompt.has_tools
+
+
+def test_stop_string_tails_are_held_back_until_they_settle():
+    from mindglm.serving.replies import Reply
+    tokenizer = v3_tokenizer()
+    reply = Reply(tokenizer, "chatglm3", False, [], ["xyz"], [])
+    first, second, third = (tokenizer.encode_plain(text) for text in ("hello world. x", "q", " then xyz and more"))
+    sent = "".join(reply.push([i]) for i in first)
+    assert sent == "hello world. "  # "x" may start "xyz": not sent yet
+    assert reply.push(second).startswith("x") and not reply.stopped  # "xq" cannot: released
+    reply.push(third)
+    full = tokenizer.decode(first + second + third)
+    final = reply.finish("length")
+    assert reply.stopped and final.finish_reason == "stop" and final.text == full[:full.index("xyz")]
