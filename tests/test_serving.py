@@ -375,7 +375,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     """Running replies finish, new requests get 503 meanwhile, a reply past the grace period gets an
     error inside its stream, then the process exits with status 0."""
     # a longer context than the fixture's, so that the long reply cannot finish within the grace period
-    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2", "--max-num-seqs", "2",
+    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2",
                          "--set", "model.model_config.seq_length=2048"], str(tmp_path / "drain.log"))
     server.wait_healthy()
     results = {}

@@ -82,10 +82,12 @@ def test_streamed_reply_equals_chat_and_history_carries_over(page, server):
 
 def test_stop_mid_reply_frees_the_row_then_clear(page, server):
     model, tokenizer, settings, _ = reference_chat(CONFIG)
-    full, _ = model.chat(tokenizer, "讲个故事", [], **{**settings, "max_new_tokens": 480, "max_length": None})
+    # a reply that runs to its budget (no eos), long enough to be stopped half-way
+    full, _ = model.chat(tokenizer, "你好", [], **{**settings, "max_new_tokens": 480, "max_length": None})
+    assert len(full) > 600
     aborted = server.metric('mindglm:request_success_total{finished_reason="abort"')
     page.fill("#max_tokens", "480")
-    page.fill("#input", "讲个故事")
+    page.fill("#input", "你好")
     page.press("#input", "Enter")
     reply = page.locator(".msg.assistant .text").last
     page.wait_for_function("document.querySelectorAll('.msg.assistant .text')[0].textContent.length > 3")
