@@ -7,7 +7,9 @@ setup(
     description="MindSpore-native GLM chat models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)",
     python_requires=">=3.9",
     packages=find_packages(include=["mindglm", "mindglm.*", "ckpt_convert", "ckpt_convert.*"]),
-    package_data={"mindglm.kernels": ["*.cc"]},  # compiled on first use (mindglm/kernels/build.py)
+    # kernel sources are compiled on first use (mindglm/kernels/build.py); the chat page is
+    # shipped with the package: the server needs nothing from the internet
+    package_data={"mindglm.kernels": ["*.cc"], "mindglm.serving": ["static/*"]},
     install_requires=[
         "mindspore==2.10.0",
         "numpy<2",  # MindSpore 2.10 wheels are built against the NumPy 1.x ABI
@@ -15,8 +17,6 @@ setup(
         "pyyaml",
         "safetensors",
     ],
-    # the chat page is shipped with the package: the server needs nothing from the internet
-    package_data={"mindglm.serving": ["static/*"]},
     extras_require={
         # tools/serve.py: the OpenAI-compatible server
         "serve": ["fastapi", "uvicorn", "sse-starlette", "prometheus_client"],
