@@ -229,29 +229,11 @@ class ChatSession:
         self.reply(text, role="observation")
 
     # ------------------------------------------------------------------ one turn
-    def _no_room_left(self, query, history, role) -> bool:
-        """True (after saying so) when max_length leaves no room for a reply after this prompt."""
-        from mindglm.chat import build_chat_ids
-        max_length = self.settings.get("max_length")
-        if self.settings.get("max_new_tokens") is not None or max_length is None:
-            return False
-        try:
-            length = len(build_chat_ids(self.tokenizer, self.family, query, history, role))
-        except ValueError:
-            return False  # stream_chat reports it
-        if length < max_length:
-            return False
-        self.say(f"(the conversation is {length} tokens, generation.max_length is {max_length}: no room for a "
-                 "reply; type clear, or raise it with --set generation.max_length=N)")
-        return True
-
     def reply(self, text: str, role: str = None):
         """Stream one reply; on Ctrl-C drop the turn and keep the session."""
         from mindglm.config import ConfigError
 
         query, history, role = self.conversation.next_turn(text, role)
-        if self._no_room_left(query, history, role):
-            return
         self.out.write(BOT_PREFIX)
         self.out.flush()
         printer = ReplyPrinter(self.out, self.family)
@@ -280,6 +262,15 @@ class ChatSession:
         self.conversation.finish_turn(response, new_history)
         if self.conversation.awaiting_observation:
             self.say("(the model called a tool: type its result as JSON, or /observation <json>)")
+
+
+def budget_notes(settings: dict, max_model_len: int) -> list:
+    """Say once, at the start, when the reply budget asked for cannot be had in full."""
+    max_length = settings.get("max_length")
+    if settings.get("max_new_tokens") is None and max_length is not None and max_length > max_model_len:
+        return [f"generation.max_length {max_length} is capped to the model's context of {max_model_len} tokens "
+                "(engine.max_model_len): prompt and reply share it"]
+    return []
 
 
 def read_line(prompt: str) -> str:
@@ -323,7 +314,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
-    for note in run.notes:
+    for note in run.notes + budget_notes(run.generation_settings, model.max_model_len):
         print(f"note: {note}")
     session = ChatSession(model, tokenizer, run.family, run.generation_settings)
     if sys.stdin.isatty():

@@ -300,13 +300,21 @@ def test_ctrl_c_is_acted_on_between_tokens():
 
 
 def test_no_room_left_under_max_length_is_said_not_generated():
-    from mindglm.tokenization import load_tokenizer
-    tokenizer = load_tokenizer(os.path.join(E2E, "chatglm2-e2e"))
-    out, model = Out(), FakeModel([])
-    session = ChatSession(model, tokenizer, "chatglm2", {"max_length": 8}, out=out)
+    """The engine's budget rule refuses the turn (as batch_infer refuses the line); the session goes on."""
+    model, tokenizer, settings = reference_chat(TINY["chatglm2"])[:3]
+    out = Out()
+    session = ChatSession(model, tokenizer, "chatglm2", dict(settings, max_length=8), out=out)
     session.handle("一个比八个词元更长的问题，肯定放不下")
-    assert "generation.max_length is 8" in out.text and "clear" in out.text
-    assert model.calls == [] and session.conversation.history == []
+    assert "max_length 8 leaves no room for a reply: raise max_length or set max_new_tokens" in out.text
+    assert session.conversation.history == [] and model.engine.stats()["rows_in_use"] == 0
+
+
+def test_a_budget_beyond_the_context_is_noted_once():
+    assert run_chat.budget_notes({"max_length": 8192}, 512) == [
+        "generation.max_length 8192 is capped to the model's context of 512 tokens (engine.max_model_len): "
+        "prompt and reply share it"]
+    assert run_chat.budget_notes({"max_length": 512}, 512) == []
+    assert run_chat.budget_notes({"max_length": 8192, "max_new_tokens": 64}, 512) == []
 
 
 def test_parse_args_repeatable_set():
