@@ -281,7 +281,9 @@ class SelfAttention(nn.Cell):
                                                         config.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
-        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.add_qkv_bias,
+        # THUDM's rule: the fused qkv has a bias when either switch asks for one
+        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                          config.add_qkv_bias or config.add_bias_linear,
                           param_dtype, self.compute_dtype)
         self.dense = Linear(self.q_size, config.hidden_size, config.add_bias_linear, param_dtype,
                             self.compute_dtype)
