@@ -221,8 +221,11 @@ def linear_format(config, module: str, backend: str):
     dtype = config.weight_dtype or config.param_dtype
     if backend == "kernels":
         # fp16 weights always take the kernel: MindSpore's CPU MatMul would widen them to a float32
-        # copy per call. fp32 ones only when asked ("kernels"): MatMul is exact and needs no compiler.
-        if dtype == "float16" or (dtype == "float32" and config.linear_backend == "kernels"):
+        # copy per call. fp32 ones when asked ("kernels"), or once the model needs the kernels
+        # anyway (an int8 model's fp32 output layer is most of its step through MatMul); a plain
+        # fp32 model keeps MatMul, which is exact and needs no compiler.
+        needs_kernels = config.quantization_bit or dtype == "float16" or config.linear_backend == "kernels"
+        if dtype in ("float16", "float32") and needs_kernels:
             return dtype
         return None
     if backend == "portable" and config.weight_dtype == "float16":

@@ -23,8 +23,10 @@ import numpy as np
 PAIRS = {
     "fp32": ({"linear_backend": "kernels"}, "f32"),
     "fp16": ({"weight_dtype": "float16"}, "f16"),
-    "int8": ({"quantization_bit": 8}, "q8_0"),
-    "int4": ({"quantization_bit": 4}, "q4_0"),
+    # chatglm.cpp's q8_0 / q4_0 quantize the output layer too: so does mindglm here (THUDM does not)
+    "int8": ({"quantization_bit": 8, "quantize_output": True}, "q8_0"),
+    "int4": ({"quantization_bit": 4, "quantize_output": True}, "q4_0"),
+    "int8-thudm": ({"quantization_bit": 8}, "q8_0"),  # THUDM's layout: fp32 output layer
     "matmul": ({}, "f32"),  # MindSpore's own MatMul on fp32 weights, for reference
 }
 
