@@ -101,10 +101,11 @@ class Engine:
             stop_ids = generation.stop_ids(self.config.eos_token_ids)
         positions, context = self.family.prepare_positions(self.config, np.asarray([prompt]))
         positions, context_length = positions[0], int(context[0])
-        if position_ids is not None:
-            positions = np.asarray(position_ids, np.int64).reshape(positions.shape)
+        rule = self.family.position_rule(self.config)
+        if position_ids is not None:   # explicit positions advance by the family's step
+            positions, rule = np.asarray(position_ids, np.int64).reshape(positions.shape), None
         seq = Sequence(prompt, positions, self.family.POSITION_STEP, context_length, generation, stop_ids,
-                       tool_call_ids, budget, request_id, listener, capped)
+                       tool_call_ids, budget, request_id, listener, capped, rule)
         with self._lock:
             if request_id is not None and self.scheduler.find(request_id) is not None:
                 raise ValueError(f"request id {request_id!r} is already running: use a unique id")

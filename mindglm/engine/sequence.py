@@ -18,7 +18,8 @@ class Sequence:
     the tokens generated so far.
 
     positions [channels, prompt] are the prompt's position ids (GLM v1: two channels); later
-    tokens advance the last one by `position_step` each. `context_length` is the number of
+    tokens advance the last one by `position_step` each, or, given a `position_rule`, take
+    position_rule(tokens up to and including them) (GLM v1's THUDM rule). `context_length` is the number of
     leading tokens every query sees (GLM v1's bidirectional context), 0 for ChatGLM2/3.
     `num_computed` counts tokens whose keys/values are in the cache; `row` is its cache row.
     """
@@ -26,11 +27,12 @@ class Sequence:
     def __init__(self, prompt_ids: list, positions: np.ndarray, position_step: np.ndarray,
                  context_length: int, generation: GenerationConfig, stop_ids, tool_call_ids,
                  max_tokens: int, request_id: Optional[str] = None, listener: Optional[Callable] = None,
-                 capped: bool = False):
+                 capped: bool = False, position_rule: Optional[Callable] = None):
         self.request_id = request_id if request_id is not None else f"seq-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.positions = np.asarray(positions, np.int64)
         self.position_step = np.asarray(position_step, np.int64)
+        self.position_rule = position_rule
         self.context_length = int(context_length)
         self.generation = generation
         self.rng = np.random.default_rng(generation.seed)
@@ -65,6 +67,11 @@ class Sequence:
     def positions_of(self, start: int, end: int) -> np.ndarray:
         """Position ids [channels, end - start] of tokens start..end-1."""
         prompt = len(self.prompt_ids)
+        if self.position_rule is not None and end > prompt:
+            tokens = self.prompt_ids + self.output_ids
+            generated = [self.position_rule(tokens[: i + 1]) for i in range(max(start, prompt), end)]
+            head = self.positions[:, start:prompt] if start < prompt else self.positions[:, :0]
+            return np.concatenate([head, np.stack(generated, axis=1)], axis=1)
         index = np.arange(start, end)
         later = np.maximum(index - prompt + 1, 0)
         base = self.positions[:, np.minimum(index, prompt - 1)]

@@ -1,5 +1,6 @@
 """Model families. Each family module provides `build_network(config)`,
-`prepare_positions(config, input_ids, attention_mask, position_ids)` and `POSITION_STEP`."""
+`prepare_positions(config, input_ids, attention_mask, position_ids)`, `POSITION_STEP` and
+`position_rule(config)` (how generated tokens' positions follow, None for the plain step)."""
 from mindglm.models import glm, glm2
 
 

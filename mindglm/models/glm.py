@@ -32,8 +32,21 @@ from mindglm.models.layers import (Linear, Rotary, SelfAttention, ms_dtype, norm
 # GLMBlock's default num_layers in the reference, the one its residual scale is computed from.
 ALPHA_NUM_LAYERS = 28
 
-# Generation keeps the position at the mask token and advances the block position.
+# Explicit position ids are advanced as THUDM's _update_model_kwargs_for_generation does: the
+# position stays, the block position counts on.
 POSITION_STEP = np.array([0, 1], np.int64)
+
+
+def position_rule(config):
+    """The positions of a generated token from every token so far (prompt + reply, that token
+    included), as THUDM's prepare_inputs_for_generation derives them at each step: the mask
+    position is looked up in the whole sequence, [gMASK] first — so a reply that emits [gMASK]
+    after a [MASK] prompt moves it, exactly as the reference does."""
+    def positions_of_last(tokens):
+        positions, _ = glm_2d_positions(tokens, config.bos_token_id, config.mask_token_id, config.gmask_token_id,
+                                        PREFER_GMASK)
+        return positions[:, -1]
+    return positions_of_last
 
 
 class GeluMLP(nn.Cell):

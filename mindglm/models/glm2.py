@@ -21,6 +21,11 @@ from mindglm.models.layers import (Linear, Rotary, SelfAttention, default_query_
 POSITION_STEP = np.array([1], np.int64)
 
 
+def position_rule(config):
+    """None: a generated token's position is the previous one plus POSITION_STEP."""
+    return None
+
+
 class SwiGLU(nn.Cell):
     """down(silu(gate(x)) * up(x)) with gate and up fused in one projection."""
 
