@@ -242,7 +242,8 @@ def engine_batch1_step_ms(config: str, input_len: int, output_len: int, seed: in
 
     run = load_run_config(config, [("engine.max_num_seqs", 1)])
     apply_context(run.context)
-    engine = run.build_model().engine
+    from mindglm.pipeline import load_run_model
+    engine = load_run_model(run).engine
     engine.warmup()
     prompt = [int(i) for i in np.random.default_rng(seed).integers(100, 60000, input_len)]
     times = []

@@ -62,7 +62,8 @@ def build(args):
     checkpoint = run.require_checkpoint()
     tokenizer = run.load_tokenizer()
     apply_context(run.context)
-    return run.build_model(), tokenizer, run, checkpoint
+    from mindglm.pipeline import load_run_model
+    return load_run_model(run), tokenizer, run, checkpoint
 
 
 def main(argv=None) -> int:

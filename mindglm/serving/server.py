@@ -65,7 +65,9 @@ def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000, drain_t
           log_level: str = "info") -> int:
     """Start the engine thread and serve until drained; returns the exit status."""
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, access_log=False)
+                            timeout_graceful_shutdown=5, access_log=False,
+                            # no startup/shutdown hooks: the engine thread is started and stopped here
+                            lifespan="off")
     server = DrainingServer(config, state, drain_timeout)
     state.loop.start()
     try:
