@@ -3,6 +3,7 @@ import builtins
 import json
 import os
 
+import numpy as np
 import pytest
 
 from mindglm.chat import (ChatError, StreamDecoder, build_chat_ids, build_prompt, decode_reply,
@@ -227,6 +228,26 @@ def test_stream_decoder_never_shows_broken_characters(family):
     assert all(final.startswith(t) for t in complete)
     assert final == complete[-1]
     assert decode_stream_text(tok, ids, family) == final
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_incremental_stream_text_equals_a_full_decode_at_every_step(family):
+    """The stream decoder re-decodes only a short tail, yet after every token its text is what
+    decoding all the ids gives: on random ids (spaces, byte pieces, newlines, v1's blanks) and
+    on a long mixed text."""
+    tok = tokenizer_for(family)
+    rng = np.random.default_rng(7)
+    texts = ["Hello ,  world !  It 's   a\n\ttest …  with spaces  . 你好，世界！  ok ?" * 3]
+    streams = [tok.encode(text, add_special_tokens=False) for text in texts]
+    streams.append([int(i) for i in rng.integers(0, tok.sp.vocab_size(), size=300)])
+    for ids in streams:
+        stream, compared = StreamDecoder(tok), 0
+        for end, token_id in enumerate(ids, start=1):
+            shown = stream.push(token_id)
+            if shown is not None:
+                assert shown == decode_reply(tok, family, ids[:end]), (family, end)
+                compared += 1
+        assert compared > len(ids) // 2
 
 
 # ---------------------------------------------------------------------- errors
