@@ -16,10 +16,12 @@ TINY_CONFIGS = {family: os.path.join(REPO, "configs", "tiny", f"{family}_e2e.yam
 STARTUP_SECONDS = 600  # model build + engine warm-up on a loaded 2-core machine
 GUARDED_KEY = "test-key-13"
 # the shared servers of the session (tests/conftest.py: `live_servers`)
+# One small prefill bucket: fewer graphs to warm up per server (the replies do not depend on it).
+FEW_BUCKETS = ["--set", "model.model_config.prefill_buckets=[64]"]
 SERVER_ARGS = {
-    **{family: ["--config", config] for family, config in TINY_CONFIGS.items()},
+    **{family: ["--config", config, *FEW_BUCKETS] for family, config in TINY_CONFIGS.items()},
     # an API key, one cache row and one waiting place: for 401, 429 and disconnects
-    "guarded": ["--config", TINY_CONFIGS["chatglm2"], "--api-key", GUARDED_KEY, "--max-num-seqs", "1",
+    "guarded": ["--config", TINY_CONFIGS["chatglm2"], *FEW_BUCKETS, "--api-key", GUARDED_KEY, "--max-num-seqs", "1",
                 "--max-waiting", "1", "--served-model-name", "guarded"],
 }
 
