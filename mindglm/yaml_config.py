@@ -17,6 +17,7 @@ at any level, a wrong type or a missing file is one `ConfigError` that names it)
       device_target: Ascend         # CPU | GPU | Ascend
       device_id: 0
     checkpoint: /path/to/model.ckpt # or a THUDM model dir (config.json + .bin/.safetensors)
+    adapter: /path/to/adapter       # optional: a peft LoRA dir or a THUDM P-Tuning v2 dir
     generation:                     # GenerationConfig fields; omitted ones take the family's
       max_length: 8192              # THUDM chat() defaults (CHAT_DEFAULTS)
       do_sample: true
@@ -79,6 +80,7 @@ SCHEMA: dict = {
     "processor": {"tokenizer": (str, _NONE)},
     "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE)},
     "checkpoint": (str, _NONE),
+    "adapter": (str, _NONE),
     "generation": dict(_GENERATION_TYPES),
     "engine": {"max_num_seqs": (int,), "max_model_len": (int, _NONE), "chunk_size": (int,), "max_waiting": (int,)},
 }
@@ -105,6 +107,7 @@ class RunConfig:
     generation_settings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    adapter: Optional[str] = None   # a peft LoRA or THUDM P-Tuning v2 dir (mindglm/adapters)
 
     @property
     def family(self) -> str:
@@ -334,8 +337,9 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     `overrides` to the current directory."""
     check_schema(raw, source)
     raw = copy.deepcopy(raw)
-    if raw.get("checkpoint") is not None:
-        raw["checkpoint"] = _resolve_path(raw["checkpoint"], base_dir)
+    for key in ("checkpoint", "adapter"):
+        if raw.get(key) is not None:
+            raw[key] = _resolve_path(raw[key], base_dir)
     processor = raw.get("processor") or {}
     if processor.get("tokenizer") is not None:
         processor["tokenizer"] = _resolve_path(processor["tokenizer"], base_dir)
@@ -345,6 +349,10 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         source = f"{source} (with overrides)"
         check_schema(raw, source)
     checkpoint = _resolve_path(raw.get("checkpoint"), os.getcwd())
+    adapter = _resolve_path(raw.get("adapter"), os.getcwd())
+    if adapter is not None and not os.path.isdir(adapter):
+        raise ConfigError(f"{source}: key 'adapter': {adapter} is not a directory; point it at a peft LoRA dir "
+                          "(adapter_config.json + adapter_model.safetensors) or a THUDM P-Tuning v2 dir")
     processor = raw.get("processor") or {}
     tokenizer = _resolve_path(processor.get("tokenizer"), os.getcwd())
 
@@ -404,7 +412,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}".replace("engine setting '", "key 'engine.")) from None
     return RunConfig(model=model, checkpoint=checkpoint, tokenizer=tokenizer, generation=generation,
-                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine)
+                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine,
+                     adapter=adapter)
 
 
 def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:
@@ -483,14 +492,16 @@ def apply_context(context: dict) -> None:
 
 
 def resolve_run(config: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                overrides: Iterable = ()) -> RunConfig:
-    """The RunConfig of a front end's `--config / --checkpoint / --device / --set` options.
+                overrides: Iterable = (), adapter: Optional[str] = None) -> RunConfig:
+    """The RunConfig of a front end's `--config / --checkpoint / --device / --set / --adapter` options.
 
     With a config, `checkpoint` (relative to the current directory) replaces its `checkpoint`;
     without one, `checkpoint` must be a THUDM model dir (or a .ckpt beside a config.json).
     """
     extra = [("context.device_target", device)] if device else []
     extra += list(overrides)
+    if adapter:
+        extra.append(("adapter", os.path.abspath(os.path.expanduser(adapter))))
     if config:
         if checkpoint:
             extra.insert(0, ("checkpoint", os.path.abspath(os.path.expanduser(checkpoint))))
