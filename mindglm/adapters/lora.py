@@ -19,7 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from mindglm.checkpoint import CheckpointError, map_name, qkv_v1_to_grouped
+from mindglm.checkpoint import CheckpointError, map_name, qkv_v1_to_grouped, thudm_name
 from mindglm.config import ConfigError
 from mindglm.io.sources import list_tensors
 from mindglm.io.tensors import to_numpy
@@ -172,3 +172,34 @@ def apply_lora(network, config, path: str, merge: bool = True) -> list:
         wrapped.lora_b.set_data(Tensor(b))
         replace_cell(network, target, wrapped)
     return sorted(pairs)
+
+
+def thudm_module(path: str, family: str) -> str:
+    """THUDM's module name for a mindglm Linear path ('layers.0.attention.qkv' -> '...query_key_value')."""
+    return thudm_name(path + ".weight", family)[: -len(".weight")]
+
+
+def add_lora(network, config, target_modules, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+             seed: int = 0, use_rslora: bool = False) -> LoRAConfig:
+    """Wrap every layer Linear whose THUDM module name is or ends with one of `target_modules`
+    (peft's rule) in a trainable LoRALinear: A drawn as peft draws it (kaiming-uniform, a=sqrt(5):
+    U(-1/sqrt(in), 1/sqrt(in))), B = 0, so training starts from the base model exactly."""
+    lora = LoRAConfig(int(r), float(lora_alpha), list(target_modules), float(lora_dropout), bool(use_rslora))
+    linears = [(path, cell) for path, cell in network.cells_and_names()
+               if path.startswith("layers.") and isinstance(cell, Linear) and not isinstance(cell, LoRALinear)]
+    names = {path: thudm_module(path, config.family) for path, _ in linears}
+    chosen = [(path, cell) for path, cell in linears
+              if any(names[path] == t or names[path].endswith("." + t) for t in lora.target_modules)]
+    for target in lora.target_modules:
+        if not any(names[p] == target or names[p].endswith("." + target) for p, _ in chosen):
+            known = sorted({n.rsplit(".", 1)[-1] for n in names.values()})
+            raise ConfigError(f"LoRA target_modules entry {target!r} matches no layer of a {config.family} model: "
+                              f"choose from {', '.join(known)}")
+    rng = np.random.default_rng(seed)
+    for path, cell in chosen:
+        wrapped = LoRALinear(cell, lora.r, lora.scaling, lora.lora_dropout)
+        bound = 1.0 / math.sqrt(cell.in_features)
+        wrapped.lora_a.set_data(Tensor(rng.uniform(-bound, bound, wrapped.lora_a.shape).astype(np.float32)))
+        wrapped.lora_a.requires_grad = wrapped.lora_b.requires_grad = True
+        replace_cell(network, path, wrapped)
+    return lora
