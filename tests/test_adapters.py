@@ -175,3 +175,54 @@ def test_bad_adapter_dirs_are_one_clear_error(tmp_path):
     os.remove(bad / "adapter_model.safetensors")
     with pytest.raises(ConfigError, match="no adapter_model.safetensors or adapter_model.bin"):
         mindglm.load_model(base, adapter=str(bad))
+
+
+# ---------------------------------------------------------------------------------- front ends
+def _random_ptuning(path, family_dir, pre_seq_len=3, seed=0):
+    """A THUDM-format P-Tuning dir for the model in `family_dir`, random prefix (save_ptuning)."""
+    from mindglm.adapters.prefix import PrefixEncoder
+    from mindglm.adapters.save import save_ptuning
+    from mindglm.config import GLMConfig
+    from mindspore import Tensor
+    config = GLMConfig.from_thudm(family_dir)
+    size = config.num_layers * 2 * config.kv_heads * config.head_dim
+    encoder = PrefixEncoder(pre_seq_len, size, size)
+    encoder.embedding.weight.set_data(Tensor(np.random.default_rng(seed).normal(0, 1, (pre_seq_len, size))
+                                             .astype(np.float32)))
+    save_ptuning(encoder, str(path), json.load(open(os.path.join(family_dir, "config.json"))))
+    return encoder
+
+
+def test_saved_ptuning_round_trips(tmp_path):
+    base = base_dir("ptuning", "chatglm2")
+    encoder = _random_ptuning(tmp_path / "p", base, pre_seq_len=2)
+    assert sorted(os.listdir(tmp_path)) == ["p"]          # written under a temporary name, renamed
+    model = mindglm.load_model(base, adapter=str(tmp_path / "p"))
+    wrapper = next(cell for _, cell in model.network.cells_and_names() if isinstance(cell, PrefixAttention))
+    rows = encoder.embedding.weight.asnumpy().reshape(2, model.config.num_layers, 2, model.config.kv_heads, -1)
+    np.testing.assert_array_equal(wrapper.prefix_key.asnumpy(), rows[:, 0, 0])
+    np.testing.assert_array_equal(wrapper.prefix_value.asnumpy(), rows[:, 0, 1])
+
+
+def test_batch_infer_with_adapter_equals_in_process_chat(tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    family_dir = os.path.join(FIXTURES, "chat", "chatglm3-e2e")
+    config = os.path.join(repo, "configs", "tiny", "chatglm3_e2e.yaml")
+    _random_ptuning(tmp_path / "prefix", family_dir)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": 1, "prompt": "你好"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(repo, "tools", "batch_infer.py"), "--config", config,
+                             "--adapter", str(tmp_path / "prefix"), "--input", str(source), "--output", str(output),
+                             "--set", "generation.max_new_tokens=12"], capture_output=True, cwd=repo, timeout=300,
+                            env={**os.environ, "GLOG_v": "3", "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr.decode()
+    row = json.loads(output.read_text(encoding="utf-8").splitlines()[0])
+    from mindglm.yaml_config import load_run_config
+    run = load_run_config(config, ["generation.max_new_tokens=12"])
+    tokenizer = run.load_tokenizer()
+    settings = {k: v for k, v in run.generation_settings.items() if k != "eos_token_id"}
+    adapted_reply = mindglm.load_model(config, adapter=str(tmp_path / "prefix")).chat(tokenizer, "你好", **settings)[0]
+    plain_reply = mindglm.load_model(config).chat(tokenizer, "你好", **settings)[0]
+    assert row["response"] == adapted_reply != plain_reply
