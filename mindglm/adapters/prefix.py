@@ -55,13 +55,16 @@ class PrefixAttention(nn.Cell):
 
     parameter_group = "adapter"  # not base weights: mindglm/loading.py leaves these alone
 
-    def __init__(self, attention: SelfAttention, keys: np.ndarray, values: np.ndarray):
+    def __init__(self, attention: SelfAttention, keys: np.ndarray, values: np.ndarray, trainable: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.attention = attention
         self.prefix_length = keys.shape[0]
         dtype = attention.compute_dtype
-        self.prefix_key = Parameter(Tensor(keys, dtype), name="prefix_key", requires_grad=False)
-        self.prefix_value = Parameter(Tensor(values, dtype), name="prefix_value", requires_grad=False)
+        self.prefix_key = Parameter(Tensor(keys, dtype), name="prefix_key", requires_grad=trainable)
+        self.prefix_value = Parameter(Tensor(values, dtype), name="prefix_value", requires_grad=trainable)
+        # THUDM drops out the prefix keys/values while training (get_prompt's Dropout).
+        self.dropout = nn.Dropout(p=dropout) if dropout else None
 
     def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
         if slot_mapping is not None:  # the prefix already sits in slots [0, P) of every cache row
@@ -70,6 +73,8 @@ class PrefixAttention(nn.Cell):
         batch = x.shape[0]
         keys = ops.broadcast_to(self.prefix_key.astype(k.dtype).expand_dims(0), (batch,) + self.prefix_key.shape)
         values = ops.broadcast_to(self.prefix_value.astype(v.dtype).expand_dims(0), (batch,) + self.prefix_value.shape)
+        if self.dropout is not None:
+            keys, values = self.dropout(keys), self.dropout(values)
         k = ops.concat((keys, k), 1).transpose(0, 2, 1, 3)
         v = ops.concat((values, v), 1).transpose(0, 2, 1, 3)
         return self.attention.attend(q, k, v, mask)
@@ -85,12 +90,35 @@ class PrefixAttention(nn.Cell):
             ops.scatter_update(target, slots, tiled)
 
 
-def apply_prefix(network, per_layer: list) -> int:
+def apply_prefix(network, per_layer: list, trainable: bool = False, dropout: float = 0.0) -> int:
     """Wrap every layer's attention in a PrefixAttention holding its (keys, values); returns P."""
     for index, (keys, values) in enumerate(per_layer):
         block = network.layers[index]
-        replace_cell(network, f"layers.{index}.attention", PrefixAttention(block.attention, keys, values))
+        replace_cell(network, f"layers.{index}.attention",
+                     PrefixAttention(block.attention, keys, values, trainable, dropout))
     return per_layer[0][0].shape[0]
+
+
+def add_prefix(network, config, pre_seq_len: int, seed: int = 0, dropout: float = 0.0) -> int:
+    """Trainable P-Tuning v2 prefixes without projection, drawn like THUDM's nn.Embedding (N(0, 1)).
+
+    Without prefix_projection THUDM's encoder is an embedding whose row slices *are* the layers'
+    keys and values, so training the per-layer prefixes directly is training that embedding
+    (same gradients, same AdamW steps); `prefix_encoder_of` writes it back in THUDM's layout."""
+    size = config.num_layers * 2 * config.kv_heads * config.head_dim
+    rows = np.random.default_rng(seed).standard_normal((pre_seq_len, size)).astype(np.float32)
+    return apply_prefix(network, split_layers(rows, config.num_layers, config.kv_heads, config.head_dim),
+                        trainable=True, dropout=dropout)
+
+
+def prefix_encoder_of(network) -> PrefixEncoder:
+    """THUDM's (projection-free) PrefixEncoder holding a network's current prefixes."""
+    wrappers = [cell for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)]
+    layers = np.stack([np.stack([w.prefix_key.asnumpy(), w.prefix_value.asnumpy()], 1) for w in wrappers], 1)
+    rows = layers.reshape(layers.shape[0], -1).astype(np.float32)      # [P, layers * 2 * kv * d]
+    encoder = PrefixEncoder(rows.shape[0], rows.shape[1], rows.shape[1])
+    encoder.embedding.weight.set_data(Tensor(rows))
+    return encoder
 
 
 def prefix_length(network) -> int:
