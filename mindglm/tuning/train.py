@@ -76,6 +76,26 @@ class LossNetwork(nn.Cell):
         return cross_entropy(logits, labels)
 
 
+class GradStep(nn.Cell):
+    """(loss, grads of `params`) of a LossNetwork, graph-compiled once per batch shape: ~8x
+    faster than PyNative autograd on the tiny test models, same values. The compiled graph
+    reads the Parameters' memory: updates must be in place (ops.assign), as `set_data` swaps
+    the memory and the graph would keep computing at the old values."""
+
+    def __init__(self, loss_network, params):
+        super().__init__()
+        self.loss_network = loss_network
+        self.weights = ms.ParameterTuple(params)
+        self.grad = ops.GradOperation(get_by_list=True)
+
+    @ms.jit
+    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths, labels):
+        loss = self.loss_network(input_ids, position_ids, key_valid, query_index, context_lengths, labels)
+        grads = self.grad(self.loss_network, self.weights)(input_ids, position_ids, key_valid, query_index,
+                                                           context_lengths, labels)
+        return loss, grads
+
+
 # ---------------------------------------------------------------------------------- optimizer
 @dataclasses.dataclass
 class OptimConfig:
@@ -161,7 +181,7 @@ class Trainer:
         # Names as the network has them (a cell wrapping the network may prefix the Parameters' own).
         self.names = [p.name for p in self.params]
         self.loss_network = LossNetwork(network)
-        self.grad_fn = ms.value_and_grad(self.loss_network, None, self.params)
+        self.grad_fn = GradStep(self.loss_network, self.params)
         self.adamw = AdamW(self.names, optim)
         self.step = 0
 
@@ -187,7 +207,7 @@ class Trainer:
         values = {n: p.asnumpy().astype(np.float32) for n, p in zip(self.names, self.params)}
         self.adamw.update(values, total, lr)
         for n, p in zip(self.names, self.params):
-            p.set_data(Tensor(values[n], p.dtype))
+            ops.assign(p, Tensor(values[n], p.dtype))
         self.step += 1
         self.network.set_train(False)
         return {"loss": float(np.mean(losses)), "lr": lr, "grad_norm": norm, "tokens": tokens}
