@@ -17,7 +17,9 @@ setup(
     ],
     extras_require={
         # torch/transformers are reference oracles for tests only; never needed to run or convert.
-        "test": ["pytest"],
+        "test": ["pytest", "jieba", "rouge-chinese", "nltk"],
+        # ADGEN scoring (tools/evaluate.py, mindglm/tuning/metrics.py), as THUDM's main.py.
+        "tuning": ["jieba", "rouge-chinese", "nltk"],
         "reference": ["torch==2.13.0", "transformers"],
     },
 )

@@ -71,3 +71,30 @@ def test_finetune_config_errors_are_one_line(tmp_path, capsys):
     assert "unknown key 'train.max_stepz'" in capsys.readouterr().err
     assert finetune.main(["--config", config, "--set", "lora.target_modules=[nope]"]) == 2
     assert "'nope' matches no layer" in capsys.readouterr().err
+
+
+def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):
+    pytest.importorskip("jieba")
+    import evaluate
+    from mindglm.tuning.metrics import score
+    from mindglm.yaml_config import load_run_config
+    data = tmp_path / "dev.json"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN), encoding="utf-8")
+    out = tmp_path / "eval"
+    assert evaluate.main(["--config", BASE, "--data", str(data), "--output-dir", str(out),
+                          "--max-new-tokens", "6"]) == 0
+    rows = [json.loads(line) for line in (out / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()]
+    run = load_run_config(BASE)
+    model, tokenizer = mindglm.load_model(BASE), run.load_tokenizer()
+    settings = {k: v for k, v in run.generation_settings.items() if k not in ("eos_token_id", "max_length")}
+    queries = [(r["content"], []) if "content" in r else (r["conversations"][0]["content"], []) for r in TRAIN]
+    from mindglm.chat import build_chat_ids, stop_token_ids
+    stops = stop_token_ids(tokenizer, "chatglm3")
+    for row, (query, history) in zip(rows, queries):    # one request at a time, cut at the first stop id
+        prompt = build_chat_ids(tokenizer, "chatglm3", query, history)
+        new = list(model.generate([prompt], max_new_tokens=6, eos_token_id=-1, **settings)[0, len(prompt):])
+        new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+        assert row["predict"] == tokenizer.decode(new, skip_special_tokens=True).strip()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == score([r["predict"] for r in rows], [r["labels"] for r in rows])
+    assert [r["labels"] for r in rows] == ["红色的裙子", "一件上衣", "你好呀"]
