@@ -20,6 +20,6 @@ setup(
         "test": ["pytest", "jieba", "rouge-chinese", "nltk"],
         # ADGEN scoring (tools/evaluate.py, mindglm/tuning/metrics.py), as THUDM's main.py.
         "tuning": ["jieba", "rouge-chinese", "nltk"],
-        "reference": ["torch==2.13.0", "transformers"],
+        "reference": ["torch==2.13.0", "transformers", "peft"],
     },
 )
