@@ -63,6 +63,9 @@ def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, meth
         merged = str(tmp_path / "merged.ckpt")
         assert finetune.main(["--config", config, "--merge", merged, "--adapter", adapter]) == 0
         np.testing.assert_allclose(mindglm.load_model(BASE, checkpoint=merged).logits(ids), tuned, atol=1e-4, rtol=0)
+        hf_dir = str(tmp_path / "merged-hf")
+        assert finetune.main(["--config", config, "--merge", hf_dir, "--adapter", adapter, "--to-hf"]) == 0
+        np.testing.assert_allclose(mindglm.load_model(hf_dir).logits(ids), tuned, atol=1e-4, rtol=0)
 
 
 def test_finetune_config_errors_are_one_line(tmp_path, capsys):
