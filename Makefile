@@ -25,7 +25,7 @@ chat: $(STAMP)
 # Optional oracles (PyTorch CPU build + transformers) for the comparison tests; CI installs them.
 reference: $(VENV)/.reference
 $(VENV)/.reference: $(STAMP)
-	$(PY) -m pip install -q 'torch==2.13.0' transformers || echo "reference packages unavailable: comparison tests will be skipped"
+	$(PY) -m pip install -q 'torch==2.13.0' transformers peft || echo "reference packages unavailable: comparison tests will be skipped"
 	touch $(VENV)/.reference
 
 test: $(STAMP)

@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="a .ckpt (convert with `python -m ckpt_convert --src <THUDM dir> "
                         "--dst <file.ckpt>`) or a THUDM model dir; alone, a THUDM dir whose config.json, "
                         "weights and tokenizer are used")
+    parser.add_argument("--adapter", metavar="DIR", help="a peft LoRA dir or a THUDM P-Tuning v2 dir to apply "
+                        "(overrides the YAML's `adapter:`)")
     parser.add_argument("--device", choices=["CPU", "GPU", "Ascend"], help="override context.device_target")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. generation.top_p=0.5 (repeatable)")
@@ -80,14 +82,14 @@ def load_run(args):
     from mindglm.yaml_config import resolve_run
 
     if args.config or args.checkpoint:
-        return resolve_run(args.config, args.checkpoint, args.device, args.overrides), False
+        return resolve_run(args.config, args.checkpoint, args.device, args.overrides, args.adapter), False
     config = demo_config()
     if config is None:
         raise UsageError("no model given and the bundled demo model is not in this checkout. " + REAL_WEIGHTS_HINT)
     print(DEMO_NOTICE, flush=True)
     # short replies so that a conversation with the demo lasts several turns
     overrides = [("generation.max_new_tokens", 48)] + args.overrides
-    return resolve_run(config, None, args.device, overrides), True
+    return resolve_run(config, None, args.device, overrides, args.adapter), True
 
 
 class ReplyPrinter:

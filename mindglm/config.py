@@ -227,8 +227,9 @@ def thudm_to_fields(raw: dict, source: str = "config.json") -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object")
     if raw.get("pre_seq_len"):
-        raise ConfigError(f"{source}: pre_seq_len={raw['pre_seq_len']} is a P-Tuning v2 checkpoint; "
-                          "mindglm does not load prefix encoders yet: use the base model's config")
+        raise ConfigError(f"{source}: pre_seq_len={raw['pre_seq_len']} is a P-Tuning v2 checkpoint, not a base "
+                          "model: load the base model and pass this directory as the adapter "
+                          "(load_model(base, adapter=DIR), `adapter:` in the YAML, or --adapter DIR)")
     if raw.get("quantization_embeddings"):
         raise ConfigError(f"{source}: quantization_embeddings=true (int4 embeddings) is not supported: "
                           "quantize from the fp16 weights with `python -m ckpt_convert --quantize int4`")

@@ -12,6 +12,8 @@ from typing import Optional
 import numpy as np
 
 from mindglm import chat
+from mindglm.adapters import apply_adapter
+from mindglm.adapters.prefix import prefix_length, shift_mask_inputs
 from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
 from mindglm.engine.model_runner import int_tensor
@@ -51,7 +53,8 @@ class GLMModel:
                               f"(seq_length {self.config.seq_length}): shorten it")
         positions, context = family_module(self.config).prepare_positions(self.config, ids, mask, position_ids)
         query_index = np.broadcast_to(np.arange(seq), (batch, seq))
-        logits = self.network(*(int_tensor(a) for a in (ids, positions, mask, query_index, context)))
+        key_valid, query_index, context = shift_mask_inputs(prefix_length(self.network), mask, query_index, context)
+        logits = self.network(*(int_tensor(a) for a in (ids, positions, key_valid, query_index, context)))
         return logits.asnumpy()
 
     # ------------------------------------------------------------------ generation
@@ -214,21 +217,25 @@ def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
 
 # ---------------------------------------------------------------------------------- loading
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
-                engine: Optional[EngineConfig] = None) -> GLMModel:
+                engine: Optional[EngineConfig] = None, adapter: Optional[str] = None,
+                merge_adapter: bool = True) -> GLMModel:
     """Build `config`'s network, rewrite it for its weight format and load weights from `source`:
     a .ckpt (mindglm or MindFormers names) or a THUDM dir — whose single converted .ckpt wins over
-    converting on the fly (mindglm/loading.py)."""
+    converting on the fly (mindglm/loading.py); then apply `adapter` (mindglm/adapters)."""
     network, config = build_loaded_network(config, source)
+    if adapter is not None:
+        apply_adapter(network, config, adapter, merge_adapter)
     return GLMModel(config, network, generation, engine)
 
 
 def load_run_model(run: RunConfig) -> GLMModel:
     """The model of a YAML run config: its network, its checkpoint, its generation defaults."""
-    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine)
+    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine, run.adapter)
 
 
 def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
-               use_past: Optional[bool] = None, quantize: Optional[str] = None) -> GLMModel:
+               use_past: Optional[bool] = None, quantize: Optional[str] = None, adapter: Optional[str] = None,
+               merge_adapter: bool = True) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
@@ -238,16 +245,19 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     model_config, or float32 for a THUDM dir); use_past: the KV-cache path.
     quantize: "int8" / "int4" (THUDM's weight-only formats, quantized on load from fp weights) or
     "fp16" (Linear weights stored in fp16, multiplied in float32); None keeps the checkpoint's.
+    adapter: a peft LoRA dir or a THUDM P-Tuning v2 dir, applied after loading (a YAML's
+    `adapter:` otherwise); merge_adapter=False keeps LoRA unmerged, as LoRALinear cells.
     """
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
-    generation = engine = None
+    generation = engine = yaml_adapter = None
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
         run = load_run_config(path)
-        config, weights, generation, engine = run.model, run.checkpoint, run.generation, run.engine
+        config, weights, generation, engine, yaml_adapter = (run.model, run.checkpoint, run.generation, run.engine,
+                                                             run.adapter)
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
@@ -256,4 +266,5 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past
-    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine)
+    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine,
+                       adapter or yaml_adapter, merge_adapter)

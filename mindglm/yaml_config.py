@@ -18,6 +18,7 @@ at any level, a wrong type or a missing file is one `ConfigError` that names it)
       device_id: 0
       compile_cache: ~/.cache/mindglm  # optional: reuse compiled graphs across runs (README caveat)
     checkpoint: /path/to/model.ckpt # or a THUDM model dir (config.json + .bin/.safetensors)
+    adapter: /path/to/adapter       # optional: a peft LoRA dir or a THUDM P-Tuning v2 dir
     generation:                     # GenerationConfig fields; omitted ones take the family's
       max_length: 8192              # THUDM chat() defaults (CHAT_DEFAULTS)
       do_sample: true
@@ -80,6 +81,7 @@ SCHEMA: dict = {
     "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE),
                 "compile_cache": (str, _NONE)},
     "checkpoint": (str, _NONE),
+    "adapter": (str, _NONE),
     "generation": {f.name: CHECKED_LATER for f in dataclasses.fields(GenerationConfig)},
     "engine": {f.name: CHECKED_LATER for f in dataclasses.fields(EngineConfig)},
 }
@@ -106,6 +108,7 @@ class RunConfig:
     generation_settings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    adapter: Optional[str] = None   # a peft LoRA or THUDM P-Tuning v2 dir (mindglm/adapters)
 
     @property
     def family(self) -> str:
@@ -351,8 +354,9 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     `overrides` to the current directory."""
     check_schema(raw, source)
     raw = copy.deepcopy(raw)
-    if raw.get("checkpoint") is not None:
-        raw["checkpoint"] = _resolve_path(raw["checkpoint"], base_dir)
+    for key in ("checkpoint", "adapter"):
+        if raw.get(key) is not None:
+            raw[key] = _resolve_path(raw[key], base_dir)
     processor = raw.get("processor") or {}
     if processor.get("tokenizer") is not None:
         processor["tokenizer"] = _resolve_path(processor["tokenizer"], base_dir)
@@ -364,6 +368,10 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         source = f"{source} (with overrides)"
         check_schema(raw, source)
     checkpoint = _resolve_path(raw.get("checkpoint"), os.getcwd())
+    adapter = _resolve_path(raw.get("adapter"), os.getcwd())
+    if adapter is not None and not os.path.isdir(adapter):
+        raise ConfigError(f"{source}: key 'adapter': {adapter} is not a directory; point it at a peft LoRA dir "
+                          "(adapter_config.json + adapter_model.safetensors) or a THUDM P-Tuning v2 dir")
     processor = raw.get("processor") or {}
     tokenizer = _resolve_path(processor.get("tokenizer"), os.getcwd())
 
@@ -427,7 +435,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}".replace("engine setting '", "key 'engine.")) from None
     return RunConfig(model=model, checkpoint=checkpoint, tokenizer=tokenizer, generation=generation,
-                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine)
+                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine,
+                     adapter=adapter)
 
 
 def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:
@@ -515,14 +524,16 @@ def apply_context(context: dict) -> None:
 
 
 def resolve_run(config: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                overrides: Iterable = ()) -> RunConfig:
-    """The RunConfig of a front end's `--config / --checkpoint / --device / --set` options.
+                overrides: Iterable = (), adapter: Optional[str] = None) -> RunConfig:
+    """The RunConfig of a front end's `--config / --checkpoint / --device / --set / --adapter` options.
 
     With a config, `checkpoint` (relative to the current directory) replaces its `checkpoint`;
     without one, `checkpoint` must be a THUDM model dir (or a .ckpt beside a config.json).
     """
     extra = [("context.device_target", device)] if device else []
     extra += list(overrides)
+    if adapter:
+        extra.append(("adapter", os.path.abspath(os.path.expanduser(adapter))))
     if config:
         if checkpoint:
             extra.insert(0, ("checkpoint", os.path.abspath(os.path.expanduser(checkpoint))))

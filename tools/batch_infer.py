@@ -291,6 +291,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="lines generated at once (default 8)")
     parser.add_argument("--resume", action="store_true", help="skip ids already in --output and append")
     parser.add_argument("--strict", action="store_true", help="any bad input line is an error (nothing is generated)")
+    parser.add_argument("--adapter", metavar="DIR", help="a peft LoRA dir or a THUDM P-Tuning v2 dir to apply "
+                        "(overrides the YAML's `adapter:`)")
     parser.add_argument("--device", choices=["CPU", "GPU", "Ascend"], help="override context.device_target")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. generation.max_new_tokens=256 (repeatable)")
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise BatchError(f"--batch-size must be at least 1, got {args.batch_size}")
         check_paths(args.input, args.output, args.resume)
-        run = resolve_run(args.config, args.checkpoint, args.device, args.overrides)
+        run = resolve_run(args.config, args.checkpoint, args.device, args.overrides, args.adapter)
         requests, bad = read_requests(args.input, run.family)
         done = read_done_ids(args.output) if args.resume else set()
         tokenizer = run.load_tokenizer()

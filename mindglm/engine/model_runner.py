@@ -9,6 +9,10 @@ workload compiles anything more.
 
 `ReferenceRunner` is the exact path (use_past: false): no cache, every step runs the network
 over each sequence's whole history in PyNative.
+
+A P-Tuning network (mindglm/adapters/prefix.py) has P prefix keys ahead of every row's tokens:
+the ModelRunner's rows are P slots longer, the prefix fills slots [0, P) once, and token t of a
+row lives at slot P + t; the ReferenceRunner shifts its mask inputs the same way.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, shift_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
 
@@ -45,16 +50,20 @@ class ModelRunner:
         self.network, self.config = network, config
         self.rows = engine_config.max_num_seqs
         self.max_len = max_model_len
+        self.prefix = prefix_length(network)  # P-Tuning's prefix slots at the head of every row
+        self.row_len = self.prefix + max_model_len
         self.scratch_row = self.rows          # padding tokens write here, never read
         chunk = min(engine_config.chunk_size, max_model_len)
         # GLM v1 prefills its (bidirectional) context whole, so its prompts need buckets up to the row.
         longest_prefill = max_model_len if config.family == "chatglm" else chunk
         self.token_buckets = sorted({b for b in config.prefill_buckets if b < longest_prefill} | {longest_prefill})
-        self.window_buckets = sorted({b for b in config.prefill_buckets if b < max_model_len} | {max_model_len}
-                                     | set(self.token_buckets))
+        # Windows in token terms, plus the prefix every row starts with.
+        self.window_buckets = [self.prefix + b for b in sorted(
+            {b for b in config.prefill_buckets if b < max_model_len} | {max_model_len} | set(self.token_buckets))]
         self.row_buckets = powers_of_two_up_to(self.rows)
         self.chunk = chunk
-        network.setup_caches(self.rows + 1, max_model_len)
+        network.setup_caches(self.rows + 1, self.row_len)
+        fill_prefix_slots(network)
         self.step = CompiledStep(network)
         self.signatures = set()               # (rows, tokens, window) of each graph compiled
         self.compiles = 0
@@ -66,8 +75,8 @@ class ModelRunner:
         window and no more."""
         if start == 0:
             tokens = bucket_for(length, self.token_buckets)
-            return tokens, bucket_for(tokens, self.window_buckets)
-        return self.chunk, bucket_for(start + length, self.window_buckets)
+            return tokens, bucket_for(self.prefix + tokens, self.window_buckets)
+        return self.chunk, bucket_for(self.prefix + start + length, self.window_buckets)
 
     def reachable_shapes(self) -> list:
         """Every (rows, tokens, window) key a workload can need, prefill and decode."""
@@ -104,34 +113,35 @@ class ModelRunner:
         ids[0, :length] = chunk.token_ids
         positions = np.zeros((1, channels, tokens))
         positions[0, :, :length] = chunk.positions
-        end = chunk.start + length
+        first, end = self.prefix + chunk.start, self.prefix + chunk.start + length   # slots of the chunk
         key_valid = (np.arange(window) < end)[None]
         query_index = np.full((1, tokens), end - 1)
-        query_index[0, :length] = np.arange(chunk.start, end)
-        slots = self.scratch_row * self.max_len + np.arange(tokens)
-        slots[:length] = chunk.row * self.max_len + np.arange(chunk.start, end)
-        return self._run(ids, positions, key_valid, query_index, [chunk.context_length], slots, [chunk.row],
-                         [length - 1])[0]
+        query_index[0, :length] = np.arange(first, end)
+        slots = self.scratch_row * self.row_len + np.arange(tokens)
+        slots[:length] = chunk.row * self.row_len + np.arange(first, end)
+        context = self.prefix + chunk.context_length
+        return self._run(ids, positions, key_valid, query_index, [context], slots, [chunk.row], [length - 1])[0]
 
     def _decode(self, decode_rows) -> np.ndarray:
         count = len(decode_rows)
         rows = bucket_for(count, self.row_buckets)
-        window = bucket_for(max(r.slot for r in decode_rows) + 1, self.window_buckets)
+        window = bucket_for(self.prefix + max(r.slot for r in decode_rows) + 1, self.window_buckets)
         channels = decode_rows[0].position.shape[0]
         ids = np.full((rows, 1), self.config.pad_id)
         positions = np.zeros((rows, channels, 1))
         key_valid = np.zeros((rows, window))
         query_index = np.zeros((rows, 1))
         context = np.zeros(rows)
-        slots = self.scratch_row * self.max_len + np.arange(rows)
+        slots = self.scratch_row * self.row_len + np.arange(rows)
         kv_rows = np.full(rows, self.scratch_row)
         for b, row in enumerate(decode_rows):
+            slot = self.prefix + row.slot
             ids[b, 0] = row.token_id
             positions[b, :, 0] = row.position
-            key_valid[b, : row.slot + 1] = 1
-            query_index[b, 0] = row.slot
-            context[b] = row.context_length
-            slots[b] = row.row * self.max_len + row.slot
+            key_valid[b, : slot + 1] = 1
+            query_index[b, 0] = slot
+            context[b] = self.prefix + row.context_length
+            slots[b] = row.row * self.row_len + slot
             kv_rows[b] = row.row
         return self._run(ids, positions, key_valid, query_index, context, slots, kv_rows, np.zeros(rows))[:count]
 
@@ -164,7 +174,7 @@ class ModelRunner:
             zeros = np.zeros
             self._run(np.full((rows, tokens), self.config.pad_id), zeros((rows, channels, tokens)),
                       zeros((rows, window)), zeros((rows, tokens)), zeros(rows),
-                      self.scratch_row * self.max_len + np.arange(rows * tokens) % self.max_len,
+                      self.scratch_row * self.row_len + np.arange(rows * tokens) % self.row_len,
                       np.full(rows, self.scratch_row), zeros(rows))
         return self.compiles - before
 
@@ -175,6 +185,7 @@ class ReferenceRunner:
     def __init__(self, network, config):
         self.network, self.config = network, config
         self.histories = {}                   # request_id -> (token ids, positions [channels, n])
+        self.prefix = prefix_length(network)
         self.compiles = 0                     # nothing is compiled on this path
 
     def execute(self, plan: StepPlan) -> dict:
@@ -198,9 +209,10 @@ class ReferenceRunner:
     def _last_logits(self, request_id: str, context_length: int) -> np.ndarray:
         ids, positions = self.histories[request_id]
         length = len(ids)
-        out = self.network(int_tensor([ids]), int_tensor(positions[None]), int_tensor(np.ones((1, length))),
-                           int_tensor(np.arange(length)[None]), int_tensor([context_length]), None, None,
-                           int_tensor([length - 1]))
+        key_valid, query_index, context = shift_mask_inputs(self.prefix, np.ones((1, length)),
+                                                            np.arange(length)[None], [context_length])
+        out = self.network(int_tensor([ids]), int_tensor(positions[None]), int_tensor(key_valid),
+                           int_tensor(query_index), int_tensor(context), None, None, int_tensor([length - 1]))
         return out.asnumpy()[0]
 
     def warmup(self) -> int:

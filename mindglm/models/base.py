@@ -112,11 +112,15 @@ class GLMTransformer(nn.Cell):
         return logits if last_index is None else logits.reshape(logits.shape[0], -1)
 
     def setup_caches(self, rows: int, max_len: int):
-        """Attach a KVCache pool of `rows` rows x `max_len` slots to every attention layer."""
-        for index, block in enumerate(self.layers):
+        """Attach a KVCache pool of `rows` rows x `max_len` slots to every attention layer.
+
+        Found by type, not by attribute path, so an adapter wrapping an attention cell (P-Tuning's
+        PrefixAttention) still finds its cache where the SelfAttention inside it looks."""
+        attentions = [(path, cell) for path, cell in self.cells_and_names() if isinstance(cell, SelfAttention)]
+        for path, attention in attentions:
             # Named by hand: a cell attached after build does not get its path as a name prefix.
-            block.attention.cache = KVCache(rows, max_len, self.config.kv_heads, self.config.head_dim,
-                                            self.compute_dtype, name=f"layers.{index}.attention.cache")
+            attention.cache = KVCache(rows, max_len, self.config.kv_heads, self.config.head_dim,
+                                      self.compute_dtype, name=f"{path}.cache")
 
     def project(self, h):
         """Hidden states [batch, seq, hidden] -> float32 logits [batch, seq, vocab]."""

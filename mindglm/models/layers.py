@@ -291,21 +291,28 @@ class SelfAttention(nn.Cell):
         self.cache = None  # a KVCache once setup_caches() attaches one
         self.core = attention_core(config, query_scale, score_scale)
 
-    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
+    def project(self, x, cos, sin):
+        """q [batch, heads, seq, dim] and rotated k, v [batch, seq, kv_heads, dim] of x [batch, seq, hidden]."""
         batch, seq, _ = x.shape
         qkv = self.qkv(x)
         q = qkv[..., : self.q_size].reshape(batch, seq, self.num_heads, self.head_dim)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(batch, seq, self.kv_heads, self.head_dim)
         v = qkv[..., self.q_size + self.kv_size:].reshape(batch, seq, self.kv_heads, self.head_dim)
-        q = self.rotary(q, cos, sin).transpose(0, 2, 1, 3)
-        k = self.rotary(k, cos, sin)
+        return self.rotary(q, cos, sin).transpose(0, 2, 1, 3), self.rotary(k, cos, sin), v
+
+    def attend(self, q, k, v, mask):
+        """The attention core over k, v [batch, kv_heads, keys, dim], then the output projection."""
+        batch, _, seq, _ = q.shape
+        out = self.core(q, k, v, mask)
+        return self.dense(out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size))
+
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
+        q, k, v = self.project(x, cos, sin)
         if slot_mapping is not None:
             k, v = self.cache.update(k, v, slot_mapping, kv_rows, mask.shape[-1])
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        out = self.core(q, k, v, mask)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size)
-        return self.dense(out)
+        return self.attend(q, k, v, mask)
 
 
 def default_query_scale(head_dim: int) -> float:

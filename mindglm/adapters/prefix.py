@@ -1,0 +1,145 @@
+"""P-Tuning v2 prefixes: `pre_seq_len` learned keys/values per layer, ahead of every sequence's own.
+
+THUDM's prefix encoder maps the prefix tokens 0..P-1 to rows of [layers * 2 * kv_heads * head_dim]:
+an embedding, or with `prefix_projection` an embedding -> Linear -> tanh -> Linear. Its
+`get_prompt()` views a row as [layers * 2, kv_heads, head_dim] and splits it in pairs, so layer i's
+keys are chunk 2i and its values chunk 2i+1. They are concatenated to the layer's keys/values
+after rotary, so they carry no rotary and the tokens' positions do not move.
+
+Key-axis convention, one for both paths: [prefix 0..P-1 | the sequence's tokens]. Queries are
+shifted by P on it and the P prefix keys are always valid (`shift_mask_inputs`). With a KV cache
+the prefix fills slots [0, P) of every cache row once (`fill_prefix_slots`) and the ModelRunner
+writes a row's tokens from slot P; without one, PrefixAttention concatenates it ahead of each
+chunk's keys. The plain network is untouched: the prefix is a rewrite wrapping SelfAttention.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from mindglm.models.layers import Linear, SelfAttention
+from mindglm.rewrite import replace_cell
+
+
+class PrefixEncoder(nn.Cell):
+    """THUDM's PrefixEncoder: prefix tokens -> [P, layers * 2 * kv_heads * head_dim] (float32).
+
+    Parameter names are THUDM's (`embedding.weight`, `trans.0.*`, `trans.2.*`), so its
+    checkpoint loads and saves under `transformer.prefix_encoder.` + these names."""
+
+    def __init__(self, pre_seq_len: int, embedding_size: int, output_size: int, projection_size: int = 0):
+        super().__init__()
+        self.pre_seq_len, self.output_size = pre_seq_len, output_size
+        self.embedding = nn.Cell()
+        self.embedding.weight = Parameter(np.zeros((pre_seq_len, embedding_size), np.float32), name="weight")
+        self.trans = None
+        if projection_size:
+            self.trans = nn.SequentialCell([Linear(embedding_size, projection_size, True, ms.float32, ms.float32),
+                                            nn.Tanh(),
+                                            Linear(projection_size, output_size, True, ms.float32, ms.float32)])
+
+    def construct(self):
+        rows = self.embedding.weight
+        return rows if self.trans is None else self.trans(rows)
+
+
+def split_layers(encoded: np.ndarray, layers: int, kv_heads: int, head_dim: int) -> list:
+    """[(keys, values)] per layer, each [P, kv_heads, head_dim], from the encoder's [P, layers*2*kv*d]."""
+    pairs = encoded.reshape(encoded.shape[0], layers, 2, kv_heads, head_dim)
+    return [(np.ascontiguousarray(pairs[:, i, 0]), np.ascontiguousarray(pairs[:, i, 1])) for i in range(layers)]
+
+
+class PrefixAttention(nn.Cell):
+    """A SelfAttention with P fixed keys/values [P, kv_heads, head_dim] ahead of the sequence's."""
+
+    parameter_group = "adapter"  # not base weights: mindglm/loading.py leaves these alone
+
+    def __init__(self, attention: SelfAttention, keys: np.ndarray, values: np.ndarray, trainable: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.attention = attention
+        self.prefix_length = keys.shape[0]
+        dtype = attention.compute_dtype
+        self.prefix_key = Parameter(Tensor(keys, dtype), name="prefix_key", requires_grad=trainable)
+        self.prefix_value = Parameter(Tensor(values, dtype), name="prefix_value", requires_grad=trainable)
+        # THUDM drops out the prefix keys/values while training (get_prompt's Dropout).
+        self.dropout = nn.Dropout(p=dropout) if dropout else None
+
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
+        if slot_mapping is not None:  # the prefix already sits in slots [0, P) of every cache row
+            return self.attention(x, cos, sin, mask, slot_mapping, kv_rows)
+        q, k, v = self.attention.project(x, cos, sin)
+        batch = x.shape[0]
+        keys = ops.broadcast_to(self.prefix_key.astype(k.dtype).expand_dims(0), (batch,) + self.prefix_key.shape)
+        values = ops.broadcast_to(self.prefix_value.astype(v.dtype).expand_dims(0), (batch,) + self.prefix_value.shape)
+        if self.dropout is not None:
+            keys, values = self.dropout(keys), self.dropout(values)
+        k = ops.concat((keys, k), 1).transpose(0, 2, 1, 3)
+        v = ops.concat((values, v), 1).transpose(0, 2, 1, 3)
+        return self.attention.attend(q, k, v, mask)
+
+    def fill_cache(self) -> None:
+        """Write the prefix into slots [0, P) of every row of the attached KVCache."""
+        cache = self.attention.cache
+        rows = cache.key.shape[0] // cache.max_len
+        slots = (np.arange(rows)[:, None] * cache.max_len + np.arange(self.prefix_length)).reshape(-1)
+        slots = Tensor(slots.astype(np.int32))
+        for target, prefix in ((cache.key, self.prefix_key), (cache.value, self.prefix_value)):
+            tiled = ops.tile(prefix.astype(target.dtype), (rows, 1, 1))
+            ops.scatter_update(target, slots, tiled)
+
+
+def apply_prefix(network, per_layer: list, trainable: bool = False, dropout: float = 0.0) -> int:
+    """Wrap every layer's attention in a PrefixAttention holding its (keys, values); returns P."""
+    for index, (keys, values) in enumerate(per_layer):
+        block = network.layers[index]
+        replace_cell(network, f"layers.{index}.attention",
+                     PrefixAttention(block.attention, keys, values, trainable, dropout))
+    return per_layer[0][0].shape[0]
+
+
+def add_prefix(network, config, pre_seq_len: int, seed: int = 0, dropout: float = 0.0) -> int:
+    """Trainable P-Tuning v2 prefixes without projection, drawn like THUDM's nn.Embedding (N(0, 1)).
+
+    Without prefix_projection THUDM's encoder is an embedding whose row slices *are* the layers'
+    keys and values, so training the per-layer prefixes directly is training that embedding
+    (same gradients, same AdamW steps); `prefix_encoder_of` writes it back in THUDM's layout."""
+    size = config.num_layers * 2 * config.kv_heads * config.head_dim
+    rows = np.random.default_rng(seed).standard_normal((pre_seq_len, size)).astype(np.float32)
+    return apply_prefix(network, split_layers(rows, config.num_layers, config.kv_heads, config.head_dim),
+                        trainable=True, dropout=dropout)
+
+
+def prefix_encoder_of(network) -> PrefixEncoder:
+    """THUDM's (projection-free) PrefixEncoder holding a network's current prefixes."""
+    wrappers = [cell for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)]
+    layers = np.stack([np.stack([w.prefix_key.asnumpy(), w.prefix_value.asnumpy()], 1) for w in wrappers], 1)
+    rows = layers.reshape(layers.shape[0], -1).astype(np.float32)      # [P, layers * 2 * kv * d]
+    encoder = PrefixEncoder(rows.shape[0], rows.shape[1], rows.shape[1])
+    encoder.embedding.weight.set_data(Tensor(rows))
+    return encoder
+
+
+def prefix_length(network) -> int:
+    """P of a network rewritten by apply_prefix, 0 for a plain one."""
+    return max((cell.prefix_length for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)),
+               default=0)
+
+
+def fill_prefix_slots(network) -> None:
+    """After setup_caches(): put every layer's prefix into the first P slots of each cache row."""
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, PrefixAttention):
+            cell.fill_cache()
+
+
+def shift_mask_inputs(prefix: int, key_valid, query_index, context_lengths) -> tuple:
+    """The no-cache mask inputs on the [prefix | tokens] key axis: P always-valid keys first,
+    queries and GLM v1's bidirectional context moved P keys on (numpy in, numpy out)."""
+    key_valid, query_index = np.asarray(key_valid), np.asarray(query_index)
+    context_lengths = np.asarray(context_lengths)
+    if not prefix:
+        return key_valid, query_index, context_lengths
+    ones = np.ones((key_valid.shape[0], prefix), key_valid.dtype)
+    return np.concatenate([ones, key_valid], 1), query_index + prefix, context_lengths + prefix

@@ -1,0 +1,236 @@
+"""Fine-tuning on the tiny models: data as the reference trainers build it, the loss and its
+gradients (against numpy and central finite differences), AdamW against torch, and learning."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+import mindglm
+from mindglm.adapters import LoRALinear, PrefixAttention
+from mindglm.adapters.lora import add_lora, read_lora_config
+from mindglm.adapters.prefix import add_prefix, prefix_encoder_of
+from mindglm.adapters.save import save_lora, save_ptuning
+from mindglm.tuning.data import DataConfig, DataError, Example, encode_record, read_examples
+from mindglm.tuning.train import AdamW, OptimConfig, Trainer, clip_by_global_norm, collate, learning_rate, \
+    network_inputs
+from conftest import FIXTURES, model_dir
+
+CHAT = {f: os.path.join(FIXTURES, "chat", f"{f}-e2e") for f in ("chatglm", "chatglm2", "chatglm3")}
+
+
+def tokenizer(family):
+    from mindglm.tokenization import load_tokenizer
+    return load_tokenizer(CHAT[family], family=family)
+
+
+# ---------------------------------------------------------------------------------- data
+def test_chatglm_ids_and_labels_follow_thudm_ptuning():
+    tok = tokenizer("chatglm")
+    ids, labels = encode_record(tok, "chatglm", {"content": "类型#裙", "summary": "这是一条裙子"}, DataConfig(), "x")
+    a = tok.encode("类型#裙", add_special_tokens=False)
+    b = tok.encode("这是一条裙子", add_special_tokens=False)
+    assert ids == a + [tok.gmask_token_id, tok.sop_token_id] + b + [tok.eos_token_id]
+    sop = ids.index(tok.sop_token_id)
+    assert labels == [-100] * sop + ids[sop:]
+    # truncation: a to max_source_length - 1, b to max_target_length - 2
+    ids, _ = encode_record(tok, "chatglm", {"content": "类型#裙", "summary": "这是一条裙子"},
+                           DataConfig(max_source_length=2, max_target_length=3), "x")
+    assert ids == a[:1] + [tok.gmask_token_id, tok.sop_token_id] + b[:1] + [tok.eos_token_id]
+
+
+def test_chatglm2_ids_and_labels_follow_thudm_ptuning():
+    tok = tokenizer("chatglm2")
+    record = {"q": "你好", "a": "你好呀", "h": [["在吗", "在"]]}
+    data = DataConfig(prompt_column="q", response_column="a", history_column="h")
+    ids, labels = encode_record(tok, "chatglm2", record, data, "x")
+    prompt = "[Round 1]\n\n问：在吗\n\n答：在\n\n[Round 2]\n\n问：你好\n\n答："
+    a = tok.encode(prompt, add_special_tokens=True)
+    b = tok.encode("你好呀", add_special_tokens=False)
+    assert ids == a + b + [tok.eos_token_id]
+    assert labels == [-100] * len(a) + b + [tok.eos_token_id]
+
+
+def test_chatglm3_conversations_learn_every_assistant_turn():
+    tok = tokenizer("chatglm3")
+    conversation = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                    {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                    {"role": "assistant", "content": "a2"}]
+    ids, labels = encode_record(tok, "chatglm3", {"conversations": conversation}, DataConfig(), "x")
+
+    def message(role, content):
+        return [tok.role_token_id(role)] + tok.encode_plain("\n") + tok.encode_plain(content)
+    expected = [tok.gmask_token_id, tok.sop_token_id]
+    learnt = []
+    for m in conversation:
+        part = message(m["role"], m["content"])
+        expected += part
+        learnt += [m["role"] == "assistant"] * len(part)
+    expected.append(tok.eos_token_id)
+    assert ids == expected
+    # finetune_hf.py: token i is learnt when token i-1 is in an assistant message
+    flags = [False, False] + learnt
+    assert labels == [-100] + [t if flags[i - 1] else -100 for i, t in enumerate(ids) if i > 0]
+    u2 = ids.index(tok.role_token_id("user"), 3 + len(message("system", "s")) + len(message("user", "u1")))
+    assert labels[u2] == tok.role_token_id("user")       # the end of a1 is learnt: hand the turn back
+    assert labels[-1] == tok.eos_token_id
+
+
+def test_bad_lines_are_reported_by_number(tmp_path):
+    tok = tokenizer("chatglm2")
+    path = tmp_path / "train.json"
+    path.write_text('{"content": "a", "summary": "b"}\n{"prompt": "a"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:2: no text column 'content' \(the line has: prompt\)"):
+        read_examples(str(path), tok, "chatglm2", DataConfig())
+    path.write_text('{"content": "a", "summary": "b"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:2: not a JSON object"):
+        read_examples(str(path), tok, "chatglm2", DataConfig())
+    path.write_text('{"content": "a long prompt", "summary": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:1: no token is left to learn after truncation"):
+        read_examples(str(path), tokenizer("chatglm3"), "chatglm3", DataConfig(max_source_length=3,
+                                                                                max_target_length=0))
+    path.write_text('{"conversations": [{"role": "user", "content": "a"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="conversations form is ChatGLM3's"):
+        read_examples(str(path), tok, "chatglm2", DataConfig())
+
+
+# ---------------------------------------------------------------------------------- loss and grads
+def _examples(config):
+    """Two short examples with a learnable tail, in the family's special-token layout."""
+    if config.family == "chatglm":
+        a, b = [5, 6, 7, 8], [11, 12, 13]
+        ids = a + [config.gmask_token_id, config.bos_token_id] + b + [config.eos_token_ids[0]]
+        second = [9, 10] + [config.gmask_token_id, config.bos_token_id] + [21, 22] + [config.eos_token_ids[0]]
+        return [Example(ids, [-100] * 5 + ids[5:], 1), Example(second, [-100] * 3 + second[3:], 2)]
+    ids, second = [5, 6, 7, 8, 9, 11, 12, 13, 2], [30, 31, 21, 22, 2]
+    return [Example(ids, [-100] * 5 + ids[5:], 1), Example(second, [-100] * 2 + second[2:], 2)]
+
+
+def _reference_loss(model, batch):
+    """torch's shifted CrossEntropyLoss(ignore_index=-100) on the no-cache logits, in numpy float64."""
+    logits = model.logits(batch["input_ids"], attention_mask=batch["key_valid"]).astype(np.float64)
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    keep = labels != -100
+    picked = np.take_along_axis(log_probs, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    return -(picked * keep).sum() / keep.sum()
+
+
+def _adapted(family, kind, seed=0):
+    model = mindglm.load_model(model_dir(f"{family}-tiny"))
+    if kind == "lora":
+        add_lora(model.network, model.config, ["query_key_value", "dense_4h_to_h"], 4, 8, seed=seed)
+        rng = np.random.default_rng(seed + 1)           # B != 0, so the LoRA branch matters
+        for _, cell in model.network.cells_and_names():
+            if isinstance(cell, LoRALinear):
+                cell.lora_b.set_data(Tensor(rng.normal(0, 0.05, cell.lora_b.shape).astype(np.float32)))
+    else:
+        add_prefix(model.network, model.config, 3, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
+def test_loss_and_gradients(family, kind):
+    """The loss equals the reference cross-entropy; the adapter's gradients equal central finite
+    differences along random directions (left-padded right: two rows of different lengths)."""
+    model = _adapted(family, kind)
+    trainer = Trainer(model.network, model.config, OptimConfig(), 10)
+    batch = collate(_examples(model.config), model.config)
+    loss, grads = trainer.loss_and_grads(batch)
+    assert abs(loss - _reference_loss(model, batch)) < 1e-5
+    values = [p.asnumpy().astype(np.float64) for p in trainer.params]
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        direction = [rng.standard_normal(v.shape) for v in values]
+        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
+        direction = [d / norm for d in direction]
+        analytic = sum(float((grads[n] * d).sum()) for n, d in zip(trainer.names, direction))
+        eps = 1e-2
+        sides = []
+        for sign in (1, -1):
+            for p, v, d in zip(trainer.params, values, direction):
+                p.set_data(Tensor((v + sign * eps * d).astype(np.float32)))
+            sides.append(_reference_loss(model, batch))
+        for p, v in zip(trainer.params, values):
+            p.set_data(Tensor(v.astype(np.float32)))
+        numeric = (sides[0] - sides[1]) / (2 * eps)
+        assert abs(analytic - numeric) < 2e-3 + 0.02 * abs(numeric), (analytic, numeric)
+    trained = {id(p) for p in trainer.params}
+    assert all(not p.requires_grad for p in model.network.get_parameters() if id(p) not in trained)
+    assert len(trained) == (4 if kind == "lora" else 2) * model.config.num_layers
+
+
+# ---------------------------------------------------------------------------------- optimizer
+def test_adamw_schedule_and_clipping_match_torch():
+    torch = pytest.importorskip("torch")
+    optim = OptimConfig(learning_rate=0.1, weight_decay=0.01, warmup_steps=2, lr_scheduler_type="cosine",
+                        max_grad_norm=0.5)
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((3, 4)).astype(np.float32)
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(5)]
+    ours = {"w": start.copy()}
+    adamw = AdamW(["w"], optim)
+    weight = torch.nn.Parameter(torch.tensor(start))
+    reference = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.01)
+    from transformers import get_cosine_schedule_with_warmup
+    schedule = get_cosine_schedule_with_warmup(reference, 2, 5)
+    for step, g in enumerate(grads):
+        assert abs(learning_rate(optim, step, 5) - schedule.get_last_lr()[0]) < 1e-12
+        clipped = {"w": g.copy()}
+        clip_by_global_norm(clipped, 0.5)
+        adamw.update(ours, clipped, learning_rate(optim, step, 5))
+        weight.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_([weight], 0.5)
+        reference.step()
+        schedule.step()
+        np.testing.assert_allclose(ours["w"], weight.detach().numpy(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- learning
+def _greedy_answer(model, example):
+    context = next(i for i, label in enumerate(example.labels) if label != -100)
+    prompt = example.input_ids[:context]
+    out = model.generate(np.array([prompt]), max_new_tokens=len(example.input_ids) - context, eos_token_id=-1,
+                         use_past=True)
+    return list(out[0, context:])
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
+    family = "chatglm2"
+    model = _adapted(family, kind)
+    if kind == "lora":
+        for _, cell in model.network.cells_and_names():
+            if isinstance(cell, LoRALinear):
+                cell.lora_b.set_data(Tensor(np.zeros(cell.lora_b.shape, np.float32)))  # peft's start
+    examples = _examples(model.config)
+    optim = OptimConfig(learning_rate=5e-2 if kind == "lora" else 1e-1, lr_scheduler_type="constant")
+    trainer = Trainer(model.network, model.config, optim, 40)
+    batch = collate(examples, model.config)
+    first = trainer.evaluate([batch])
+    for _ in range(40):
+        trainer.train_step([batch])
+    last = trainer.evaluate([batch])
+    assert last < 0.2 * first, (first, last)
+    for example in examples:
+        assert _greedy_answer(model, example) == example.input_ids[len(example.input_ids) -
+                                                                   len(_greedy_answer(model, example)):]
+    # saved in the interchange format, reloaded with adapter=: the trained model's logits
+    out = str(tmp_path / kind)
+    base = json.load(open(os.path.join(model_dir(f"{family}-tiny"), "config.json")))
+    if kind == "lora":
+        from mindglm.adapters.lora import LoRAConfig
+        save_lora(model.network, model.config, out, LoRAConfig(4, 8, ["query_key_value", "dense_4h_to_h"]))
+    else:
+        save_ptuning(prefix_encoder_of(model.network), out, base)
+    reloaded = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out, merge_adapter=False)
+    ids = batch["input_ids"][:1, : len(examples[0].input_ids)]
+    np.testing.assert_array_equal(reloaded.logits(ids), model.logits(ids))
+    if kind == "lora":
+        merged = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out)
+        np.testing.assert_allclose(merged.logits(ids), model.logits(ids), atol=1e-4, rtol=0)

@@ -1,0 +1,118 @@
+"""Training throughput and peak memory: mindglm LoRA / P-Tuning v2 against torch + peft LoRA.
+
+    python tools/bench_finetune.py --config small [--steps 5 --seq 128 --batch 1]
+
+Same random weights (tools/bench_generate.py), same tokens; LoRA r=8 on the attention output,
+the fused gate/up and the down projection (GlmForCausalLM splits qkv, so qkv is left out on both
+sides); P-Tuning: pre_seq_len 16, no projection (torch has no THUDM prefix path on
+GlmForCausalLM to compare). Each variant runs in its own process, so its peak RSS is its own.
+Prints one JSON object: tokens/s (after one warm-up step) and peak RSS MiB per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import numpy as np  # noqa: E402
+
+TARGETS = ["dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+def _tokens(config, args):
+    rng = np.random.default_rng(0)
+    return rng.integers(5, config.vocab_size - 10, (args.batch, args.seq))
+
+
+def run_mindglm(method, config_name, args, queue):
+    from bench_generate import CONFIGS, build_mindglm, random_weights
+    from mindglm.adapters.lora import add_lora
+    from mindglm.adapters.prefix import add_prefix
+    from mindglm.config import GLMConfig
+    from mindglm.tuning.data import Example
+    from mindglm.tuning.train import OptimConfig, Trainer, collate
+    config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
+    model = build_mindglm(config, random_weights(config, 0))
+    network = getattr(model, "network", model)
+    if method == "lora":
+        add_lora(network, config, TARGETS, 8, 16)
+    else:
+        add_prefix(network, config, 16)
+    ids = _tokens(config, args)
+    batch = collate([Example(list(row), [-100] + list(row[1:]), 1) for row in ids], config)
+    trainer = Trainer(network, config, OptimConfig(learning_rate=1e-4), args.steps + 1)
+    trainer.train_step([batch])                      # compile
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step([batch])
+    seconds = time.perf_counter() - start
+    queue.put({"tokens_per_s": args.steps * ids.size / seconds,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_torch(method, config_name, args, queue):
+    import peft
+    import torch
+    from bench_generate import CONFIGS, build_torch, random_weights
+    from mindglm.config import GLMConfig
+    config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
+    model = build_torch(config, random_weights(config, 0))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj", "gate_up_proj",
+                                                                                           "down_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.from_numpy(_tokens(config, args))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - start
+    queue.put({"tokens_per_s": args.steps * ids.numel() / seconds,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def measure(target, *arguments):
+    queue = multiprocessing.get_context("spawn").Queue()
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(*arguments, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small", choices=["tiny", "small", "mid"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch + peft reference")
+    args = parser.parse_args(argv)
+    report = {"config": args.config, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+              "load": os.getloadavg()[0]}
+    report["mindglm_lora"] = measure(run_mindglm, "lora", args.config, args)
+    report["mindglm_ptuning"] = measure(run_mindglm, "ptuning", args.config, args)
+    if not args.no_torch:
+        report["torch_peft_lora"] = measure(run_torch, "lora", args.config, args)
+        report["lora_speed_ratio"] = report["mindglm_lora"]["tokens_per_s"] / report["torch_peft_lora"]["tokens_per_s"]
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
