@@ -18,6 +18,7 @@ from mindglm.engine.model_runner import int_tensor
 from mindglm.generation.config import GenerationConfig
 from mindglm.loading import build_loaded_network, load_weights, with_quantize  # noqa: F401 (load_weights: API)
 from mindglm.models import family_module
+from mindglm.parallel.context import ParallelConfig
 from mindglm.yaml_config import RunConfig, load_run_config
 
 
@@ -30,9 +31,10 @@ class GLMModel:
     """
 
     def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None,
-                 engine_config: Optional[EngineConfig] = None):
+                 engine_config: Optional[EngineConfig] = None, parallel=None):
         self.config = config
         self.network = network
+        self.parallel = parallel  # a ParallelContext when the network is one rank's tensor-parallel share
         self.generation_config = generation or GenerationConfig()
         self.engine_config = engine_config or EngineConfig()
         self._engines = {}
@@ -59,7 +61,8 @@ class GLMModel:
         """The model's engine: compiled with a KV cache when use_past, else the exact full-forward one."""
         use_past = self.config.use_past if use_past is None else use_past
         if use_past not in self._engines:
-            self._engines[use_past] = Engine(self.network, self.config, self.engine_config, use_past=use_past)
+            self._engines[use_past] = Engine(self.network, self.config, self.engine_config, use_past=use_past,
+                                             seed_entropy=None if self.parallel is None else self.parallel.seed_entropy)
         return self._engines[use_past]
 
     @property
@@ -211,21 +214,29 @@ def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
 
 # ---------------------------------------------------------------------------------- loading
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
-                engine: Optional[EngineConfig] = None) -> GLMModel:
+                engine: Optional[EngineConfig] = None, parallel: Optional[ParallelConfig] = None) -> GLMModel:
     """Build `config`'s network, rewrite it for its weight format and load weights from `source`:
     a .ckpt (mindglm or MindFormers names) or a THUDM dir — whose single converted .ckpt wins over
-    converting on the fly (mindglm/loading.py)."""
-    network, config = build_loaded_network(config, source)
-    return GLMModel(config, network, generation, engine)
+    converting on the fly (mindglm/loading.py). With `parallel.tensor_parallel` > 1 (inside an
+    msrun launch, every rank making the same call) this rank builds and loads only its share."""
+    context = None
+    if parallel is not None and parallel.tensor_parallel > 1:
+        from mindglm.parallel.context import init_tensor_parallel
+        from mindglm.parallel.sharding import check_tensor_parallel
+        check_tensor_parallel(config, parallel.tensor_parallel)   # before any rank waits on another
+        context = init_tensor_parallel(parallel.tensor_parallel, parallel.start_timeout)
+    network, config = build_loaded_network(config, source, context)
+    return GLMModel(config, network, generation, engine, context)
 
 
 def load_run_model(run: RunConfig) -> GLMModel:
     """The model of a YAML run config: its network, its checkpoint, its generation defaults."""
-    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine)
+    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine, run.parallel)
 
 
 def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
-               use_past: Optional[bool] = None, quantize: Optional[str] = None) -> GLMModel:
+               use_past: Optional[bool] = None, quantize: Optional[str] = None,
+               tensor_parallel: Optional[int] = None) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
@@ -235,16 +246,20 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     model_config, or float32 for a THUDM dir); use_past: the KV-cache path.
     quantize: "int8" / "int4" (THUDM's weight-only formats, quantized on load from fp weights) or
     "fp16" (Linear weights stored in fp16, multiplied in float32); None keeps the checkpoint's.
+    tensor_parallel: split the model over this many msrun workers (every rank calls load_model
+    alike and gets identical results); None keeps a YAML's `parallel.tensor_parallel` (else 1).
     """
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
     generation = engine = None
+    parallel = ParallelConfig()
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
         run = load_run_config(path)
-        config, weights, generation, engine = run.model, run.checkpoint, run.generation, run.engine
+        config, weights, generation, engine, parallel = run.model, run.checkpoint, run.generation, run.engine, \
+            run.parallel
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
@@ -253,4 +268,6 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past
-    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine)
+    if tensor_parallel is not None:
+        parallel = ParallelConfig(tensor_parallel, parallel.start_timeout)
+    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine, parallel)

@@ -49,6 +49,7 @@ import yaml
 from mindglm.config import FAMILIES, ConfigError, GLMConfig
 from mindglm.engine.config import EngineConfig
 from mindglm.generation.config import GenerationConfig
+from mindglm.parallel.context import ParallelConfig
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
 
@@ -81,6 +82,7 @@ SCHEMA: dict = {
     "checkpoint": (str, _NONE),
     "generation": dict(_GENERATION_TYPES),
     "engine": {"max_num_seqs": (int,), "max_model_len": (int, _NONE), "chunk_size": (int,), "max_waiting": (int,)},
+    "parallel": {"tensor_parallel": (int,), "start_timeout": (int,)},
 }
 
 
@@ -105,6 +107,7 @@ class RunConfig:
     generation_settings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def family(self) -> str:
@@ -403,8 +406,13 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         engine.model_len(model.seq_length)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}".replace("engine setting '", "key 'engine.")) from None
+    try:
+        parallel = ParallelConfig(**(raw.get("parallel") or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}".replace("parallel setting '", "key 'parallel.")) from None
     return RunConfig(model=model, checkpoint=checkpoint, tokenizer=tokenizer, generation=generation,
-                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine)
+                     context=context, source=source, generation_settings=settings, notes=notes, engine=engine,
+                     parallel=parallel)
 
 
 def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:
@@ -462,6 +470,8 @@ def apply_context(context: dict) -> None:
 
     context = _check_context(context, "context")
     target, device_id = context["device_target"], context["device_id"]
+    if os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("DEVICE_ID"):
+        device_id = int(os.environ["DEVICE_ID"])  # msrun gives each worker its own device
     captured = _CapturedStderr()
     error = None
     try:
