@@ -322,6 +322,7 @@ def main(argv=None) -> int:
     from mindglm.chat import ChatError
     from mindglm.checkpoint import CheckpointError
     from mindglm.config import ConfigError
+    from mindglm.parallel.lockstep import reports_errors, run_front_end
 
     try:
         run, _ = load_run(args)
@@ -332,12 +333,19 @@ def main(argv=None) -> int:
         from mindglm.pipeline import load_run_model
         model = load_run_model(run)
     except (ConfigError, CheckpointError, ChatError, UsageError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"run_chat.py: error: {message}", file=sys.stderr)
+        if reports_errors():  # under msrun every rank finds the same mistake: rank 0 says it once
+            message = " ".join(str(exc).split())
+            print(f"run_chat.py: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    # Under msrun with tensor_parallel, rank 0 chats and the other ranks follow its engine.
+    return run_front_end(model, lambda: chat_loop(model, tokenizer, run)) or 0
+
+
+def chat_loop(model, tokenizer, run) -> int:
+    """The terminal conversation (rank 0's work under msrun)."""
     for note in run.notes:
         print(f"note: {note}")
     session = ChatSession(model, tokenizer, run.family, run.generation_settings)
@@ -359,7 +367,6 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:  # Ctrl-C outside the reply loop (e.g. while printing): keep going
             session.say("")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

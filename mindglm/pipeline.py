@@ -38,6 +38,7 @@ class GLMModel:
         self.generation_config = generation or GenerationConfig()
         self.engine_config = engine_config or EngineConfig()
         self._engines = {}
+        self._wrap_runner = None
 
     # ------------------------------------------------------------------ scoring
     def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
@@ -61,9 +62,19 @@ class GLMModel:
         """The model's engine: compiled with a KV cache when use_past, else the exact full-forward one."""
         use_past = self.config.use_past if use_past is None else use_past
         if use_past not in self._engines:
-            self._engines[use_past] = Engine(self.network, self.config, self.engine_config, use_past=use_past,
-                                             seed_entropy=None if self.parallel is None else self.parallel.seed_entropy)
+            engine = Engine(self.network, self.config, self.engine_config, use_past=use_past,
+                            seed_entropy=None if self.parallel is None else self.parallel.seed_entropy)
+            if self._wrap_runner is not None:
+                engine.runner = self._wrap_runner(engine.runner, use_past)
+            self._engines[use_past] = engine
         return self._engines[use_past]
+
+    def wrap_runners(self, wrap) -> None:
+        """Route every engine's runner, now and later, through `wrap(runner, use_past)` (rank 0 of
+        a tensor-parallel front end sends each runner call to the other ranks: parallel/lockstep.py)."""
+        self._wrap_runner = wrap
+        for use_past, engine in self._engines.items():
+            engine.runner = wrap(engine.runner, use_past)
 
     @property
     def engine(self) -> Engine:

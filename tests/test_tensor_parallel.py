@@ -31,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def msrun(script_args, log_dir, workers=2, timeout=LAUNCH_TIMEOUT, env=None):
+def msrun(script_args, log_dir, workers=2, timeout=LAUNCH_TIMEOUT, env=None, stdin=None):
     """Run an msrun launch in its own process group; kill the whole group if it overstays."""
     msrun_bin = shutil.which("msrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     if msrun_bin is None:
@@ -40,7 +40,8 @@ def msrun(script_args, log_dir, workers=2, timeout=LAUNCH_TIMEOUT, env=None):
     environment.update(env or {})
     command = [msrun_bin, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
                "--join=True", f"--log_dir={log_dir}", "--cluster_time_out=120"] + list(script_args)
-    proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
