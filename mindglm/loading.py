@@ -157,26 +157,34 @@ def adopt_stored_format(config: GLMConfig, bits: int, output_quantized: bool, so
                                quantize_output=config.quantize_output or output_quantized)
 
 
+def build_rewritten_network(config: GLMConfig, parallel=None):
+    """`config`'s network with zero weights, rewritten for its weight format and, given a
+    ParallelContext, for this rank's tensor-parallel share (built from the local-size view)."""
+    from mindglm.models import family_module
+    from mindglm.quantize import quantize_network
+
+    if parallel is None:
+        network = family_module(config).build_network(config)
+        quantize_network(network, config)
+        return network
+    from mindglm.parallel.sharding import local_view, shard_network
+    network = family_module(config).build_network(local_view(config, parallel.world))
+    quantize_network(network, config)
+    shard_network(network, config, parallel.rank, parallel.world)
+    return network
+
+
 def build_loaded_network(config: GLMConfig, source: Optional[str], parallel=None):
     """(network, config): build `config`'s network, rewrite its Linear cells for the weight format
     (and, given a ParallelContext, for this rank's tensor-parallel share), then load the weights
     of `source` into it (gpt-fast's build -> rewrite -> load order)."""
     from mindglm.io.tensors import to_numpy
     from mindglm.io.weights import _Conversion
-    from mindglm.models import family_module
-    from mindglm.quantize import quantize_network
 
     source = resolve_source(source)
     conversion = _Conversion(source, config, need_config=True)
     config = adopt_stored_format(config, conversion.bits, conversion.output_quantized, source)
-    if parallel is None:
-        network = family_module(config).build_network(config)
-        quantize_network(network, config)
-    else:
-        from mindglm.parallel.sharding import local_view, shard_network
-        network = family_module(config).build_network(local_view(config, parallel.world))
-        quantize_network(network, config)
-        shard_network(network, config, parallel.rank, parallel.world)
+    network = build_rewritten_network(config, parallel)
     # Float weights of an int layer are quantized in the stream, from whole rows, before any
     # rank slices them: a row-parallel shard gets the scale of the full row, as one process does.
     tensors = conversion.stream(bits=config.quantization_bit, quantize_output=config.quantize_output)
