@@ -27,8 +27,8 @@ median decode step over all runs. Prints one JSON object at the end.
 
 --tensor-parallel N (under `msrun --worker_num=N --local_worker_num=N ...`) builds the model split
 over the N ranks and, in the same run, whole in each rank: warm decode tokens/s of both at batch
-1 and batch N (the split model with every rank stepping together; the whole one on rank 0 while
-the others wait), and each rank's peak RSS with its share (before the whole model is built).
+1 and batch N (the split model with every rank stepping together; then the whole one on rank 0
+while the others wait), and each rank's peak RSS with its share (before the whole model is built).
 Greedy tokens of the two must be equal (exit status 1 otherwise). Rank 0 prints the JSON.
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \
@@ -95,7 +95,7 @@ def random_weights(config, seed: int) -> dict:
 
 def build_mindglm(config, weights, fmt=None):
     """Build -> rewrite (the weight format) -> load, as mindglm.load_model does."""
-    from bench_cpp import PAIRS, build_mindglm as build_format
+    from bench_cpp import build_mindglm as build_format
     return build_format(config, weights, fmt or "matmul")
 
 
@@ -218,6 +218,7 @@ def tensor_parallel_bench(config, weights, args, report) -> int:
     from mindspore import Tensor, ops
     from mindglm.loading import build_rewritten_network, load_weights
     from mindglm.parallel.context import init_tensor_parallel
+    from mindglm.parallel.lockstep import run_front_end
     from mindglm.pipeline import GLMModel
 
     context = init_tensor_parallel(args.tensor_parallel)
@@ -235,8 +236,8 @@ def tensor_parallel_bench(config, weights, args, report) -> int:
         engine.generate(prompt_n, 4)             # compiles the batch-1 and batch-N graphs
         results = {}
         for key, prompt in (("batch1", prompt1), ("batch_n", prompt_n)):
-            results[key], tokens = measure([engine], prompt, args.repeats)
-            results[key]["tokens"] = tokens["mindglm"]
+            summaries, tokens = measure([engine], prompt, args.repeats)
+            results[key] = dict(summaries["mindglm"], tokens=tokens["mindglm"])
         return results
 
     start = time.perf_counter()
@@ -250,8 +251,10 @@ def tensor_parallel_bench(config, weights, args, report) -> int:
         "peak_rss_mb_per_rank": per_rank(peak_rss_mb()),   # the rank's share, its cache and graphs
         "decode_tokens_per_s": {k: per_rank(v["decode_tokens_per_s"]) for k, v in split_results.items()},
         "median_step_tokens_per_s": {k: per_rank(v["median_step_tokens_per_s"]) for k, v in split_results.items()}}
-    status = 0
-    if context.is_lead:       # the whole model alone: the other ranks wait at the next collective
+
+    def whole_alone() -> int:
+        """Rank 0: the whole model, with the other ranks idle (following over lockstep's socket,
+        not waiting in a collective, which would time out)."""
         whole_results = run(build_mindglm(config, weights, args.quantize))
         report["single_process"] = {k: {m: v[m] for m in ("decode_tokens_per_s", "median_step_tokens_per_s")}
                                     for k, v in whole_results.items()}
@@ -261,14 +264,14 @@ def tensor_parallel_bench(config, weights, args, report) -> int:
             k: split_results[k]["decode_tokens_per_s"] / whole_results[k]["decode_tokens_per_s"]
             for k in whole_results}
         report["peak_rss_mb_rank0_with_both_models"] = peak_rss_mb()
-        status = 0 if all(report["tokens_identical"].values()) else 1
-    per_rank(0.0)   # rank 0 is done with the whole model
-    report["load_average_end"] = load_average()
-    if context.is_lead:
+        report["load_average_end"] = load_average()
         print(json.dumps(report, indent=1, default=float))
-        if status:
+        if not all(report["tokens_identical"].values()):
             print("FAILED: the split model's greedy tokens differ from the whole one's", file=sys.stderr)
-    return status
+            return 1
+        return 0
+
+    return run_front_end(split, whole_alone) or 0
 
 
 # ---------------------------------------------------------------------------------- engines
