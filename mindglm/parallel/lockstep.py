@@ -186,7 +186,9 @@ def reports_errors() -> bool:
 def run_front_end(model, main: Callable, timeout: Optional[float] = None):
     """Run `main()` on rank 0 with every rank's runner in lockstep; other ranks follow until
     rank 0's `main` returns (or raises). Returns main's result on rank 0, None elsewhere. Without
-    tensor parallelism this is just `main()`."""
+    tensor parallelism this is just `main()`. Only engine work is replayed (generate, chat,
+    stream_chat, batch inference, a server's requests): `model.logits()` inside `main` would wait
+    for ranks that are not calling it."""
     context = model.parallel
     if context is None:
         return main()
