@@ -39,7 +39,8 @@ from mindglm.requirements import require_packages  # noqa: E402
 if __name__ == "__main__":
     require_packages(__file__)
 
-from mindglm.chat import stable_text, system_messages  # noqa: E402
+from mindglm.chat import ChatError, stable_text  # noqa: E402
+from mindglm.conversation import Conversation, load_tools  # noqa: E402
 from mindglm.interrupts import InterruptFlag  # noqa: E402
 
 USER_PROMPT = "用户："
@@ -145,22 +146,19 @@ def ctrl_c_interrupts():
 
 # ---------------------------------------------------------------------------------- the session
 class ChatSession:
-    """The conversation state and the commands of the terminal chat."""
+    """The terminal side of a chat: commands, screen output and streaming over a Conversation."""
 
     def __init__(self, model, tokenizer, family: str, settings: dict, out=sys.stdout):
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.settings = {k: v for k, v in settings.items() if k != "eos_token_id"}  # chat() sets stop ids
         self.out = out
-        self.history: list = []
-        self.system_text = None
-        self.tools = None
-        self.awaiting_observation = False
-
-    # ------------------------------------------------------------------ v3 system message
-    def _system_messages(self) -> list:
-        if self.family != "chatglm3":
-            return []
-        return system_messages(self.system_text, self.tools)
+        self.conversation = Conversation(family)
+        # command word -> (handler taking the argument text, ChatGLM3 only?)
+        self.commands = {
+            "clear": (self.clear, False), "/help": (self.help, False), "help": (self.help, False),
+            "/system": (self.set_system, True), "/tools": (self.set_tools, True),
+            "/observation": (self.observation, True),
+        }
 
     def welcome(self) -> str:
         name = FAMILY_NAMES[self.family]
@@ -173,7 +171,7 @@ class ChatSession:
         self.out.flush()
 
     def prompt(self) -> str:
-        return OBSERVATION_PROMPT if self.awaiting_observation else USER_PROMPT
+        return OBSERVATION_PROMPT if self.conversation.awaiting_observation else USER_PROMPT
 
     # ------------------------------------------------------------------ commands
     def handle(self, line: str) -> bool:
@@ -181,90 +179,61 @@ class ChatSession:
         text = line.strip()
         if not text:
             return True
-        word = text.lower()
-        if word in QUIT_WORDS:
+        if text.lower() in QUIT_WORDS:
             return False
-        if word == "clear":
-            self.history, self.awaiting_observation = [], False
-            if self.out.isatty():
-                self.out.write("\033[2J\033[H")
-                self.say(self.welcome())
-            else:
-                self.say("(对话历史已清空 / history cleared)")
-            return True
-        if word in ("/help", "help"):
-            self.say(HELP)
-            return True
-        if text.startswith("/"):
-            command, _, argument = text.partition(" ")
-            argument = argument.strip()
-            if command in ("/system", "/tools", "/observation") and self.family != "chatglm3":
-                self.say(f"{command} needs a ChatGLM3 model; this is {FAMILY_NAMES[self.family]}")
-                return True
-            if command == "/system":
-                self.system_text = argument or None
-                self.say(f"(system prompt {'set' if argument else 'removed'})")
-                return True
-            if command == "/tools":
-                self.load_tools(argument)
-                return True
-            if command == "/observation":
-                if not argument:
-                    self.say("usage: /observation <the tool's result, JSON or text>")
-                    return True
-                self.reply(argument, role="observation")
-                return True
-            self.say(f"unknown command {command}; /help lists the commands")
-            return True
-        self.reply(text, role="observation" if self.awaiting_observation else "user")
+        word, _, argument = text.partition(" ")
+        command = self.commands.get(word.lower())
+        if command is None and text.startswith("/"):
+            self.say(f"unknown command {word}; /help lists the commands")
+        elif command is None or (not word.startswith("/") and argument):
+            self.reply(text)  # a message (one may start with "clear" or "help")
+        elif command[1] and self.family != "chatglm3":
+            self.say(f"{word} needs a ChatGLM3 model; this is {FAMILY_NAMES[self.family]}")
+        else:
+            command[0](argument.strip())
         return True
 
-    def load_tools(self, path: str):
+    def clear(self, _argument: str = ""):
+        self.conversation.clear()
+        if self.out.isatty():
+            self.out.write("\033[2J\033[H")
+            self.say(self.welcome())
+        else:
+            self.say("(对话历史已清空 / history cleared)")
+
+    def help(self, _argument: str = ""):
+        self.say(HELP)
+
+    def set_system(self, text: str):
+        self.conversation.set_system(text)
+        self.say(f"(system prompt {'set' if text else 'removed'})")
+
+    def set_tools(self, path: str):
         if path in ("off", "none", ""):
-            self.tools = None
+            self.conversation.set_tools(None)
             self.say("(tools removed)" if path else "usage: /tools <file.json> | /tools off")
             return
         try:
-            with open(os.path.expanduser(path), encoding="utf-8") as handle:
-                tools = json.load(handle)
-        except (OSError, ValueError) as exc:
-            self.say(f"cannot read tools from {path}: {exc}")
+            tools = load_tools(path)
+        except ChatError as exc:
+            self.say(str(exc))
             return
-        if isinstance(tools, dict) and "tools" in tools:
-            tools = tools["tools"]
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            self.say(f"{path}: expected a JSON list of tool definitions ({{name, description, parameters}})")
-            return
-        self.tools = tools
+        self.conversation.set_tools(tools)
         names = ", ".join(str(t.get("name", "?")) for t in tools)
         self.say(f"(loaded {len(tools)} tool(s): {names})")
 
-    # ------------------------------------------------------------------ one turn
-    def _no_room_left(self, query, history, role) -> bool:
-        """True (after saying so) when max_length leaves no room for a reply after this prompt."""
-        from mindglm.chat import build_chat_ids
-        max_length = self.settings.get("max_length")
-        if self.settings.get("max_new_tokens") is not None or max_length is None:
-            return False
-        try:
-            length = len(build_chat_ids(self.tokenizer, self.family, query, history, role))
-        except ValueError:
-            return False  # stream_chat reports it
-        if length < max_length:
-            return False
-        self.say(f"(the conversation is {length} tokens, generation.max_length is {max_length}: no room for a "
-                 "reply; type clear, or raise it with --set generation.max_length=N)")
-        return True
+    def observation(self, text: str):
+        if not text:
+            self.say("usage: /observation <the tool's result, JSON or text>")
+            return
+        self.reply(text, role="observation")
 
-    def reply(self, query: str, role: str = "user"):
+    # ------------------------------------------------------------------ one turn
+    def reply(self, text: str, role: str = None):
         """Stream one reply; on Ctrl-C drop the turn and keep the session."""
-        from mindglm.chat import ChatError
         from mindglm.config import ConfigError
 
-        system = self._system_messages()
-        history = system + self.history
-        if self._no_room_left(query, history, role):
-            return
+        query, history, role = self.conversation.next_turn(text, role)
         self.out.write(BOT_PREFIX)
         self.out.flush()
         printer = ReplyPrinter(self.out, self.family)
@@ -290,10 +259,18 @@ class ChatSession:
             self.say("")
             return
         printer.finish(response)
-        self.history = list(new_history[len(system):])
-        self.awaiting_observation = isinstance(response, dict) and "parameters" in response
-        if self.awaiting_observation:
+        self.conversation.finish_turn(response, new_history)
+        if self.conversation.awaiting_observation:
             self.say("(the model called a tool: type its result as JSON, or /observation <json>)")
+
+
+def budget_notes(settings: dict, max_model_len: int) -> list:
+    """Say once, at the start, when the reply budget asked for cannot be had in full."""
+    max_length = settings.get("max_length")
+    if settings.get("max_new_tokens") is None and max_length is not None and max_length > max_model_len:
+        return [f"generation.max_length {max_length} is capped to the model's context of {max_model_len} tokens "
+                "(engine.max_model_len): prompt and reply share it"]
+    return []
 
 
 def read_line(prompt: str) -> str:
@@ -319,7 +296,6 @@ def main(argv=None) -> int:
         sys.stdin.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
-    from mindglm.chat import ChatError
     from mindglm.checkpoint import CheckpointError
     from mindglm.config import ConfigError
     from mindglm.parallel.lockstep import reports_errors, run_front_end
@@ -346,7 +322,7 @@ def main(argv=None) -> int:
 
 def chat_loop(model, tokenizer, run) -> int:
     """The terminal conversation (rank 0's work under msrun)."""
-    for note in run.notes:
+    for note in run.notes + budget_notes(run.generation_settings, model.max_model_len):
         print(f"note: {note}")
     session = ChatSession(model, tokenizer, run.family, run.generation_settings)
     if sys.stdin.isatty():
@@ -367,6 +343,7 @@ def chat_loop(model, tokenizer, run) -> int:
         except KeyboardInterrupt:  # Ctrl-C outside the reply loop (e.g. while printing): keep going
             session.say("")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

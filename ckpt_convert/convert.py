@@ -18,7 +18,7 @@ from mindglm.io.ms_ckpt import CkptWriter
 from mindglm.io.safetensors_io import split_shards, write_safetensors
 from mindglm.io.tensors import DTYPES, parse_dtype
 from mindglm.io.weights import ConfigArg, Progress, _Conversion
-from mindglm.tokenization import TOKENIZER_FILES
+from mindglm.config import TOKENIZER_FILES
 from mindglm.weight_formats import FORMATS
 
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3

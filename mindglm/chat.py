@@ -26,7 +26,8 @@ import numbers
 import re
 from typing import Iterable, Optional, Sequence, Union
 
-from mindglm.tokenization import FAMILIES, GLMTokenizer
+from mindglm.config import FAMILIES
+from mindglm.tokenization import GLMTokenizer
 
 V3_ROLES = ("system", "user", "assistant", "observation")
 TRAINING_TIME_PLACEHOLDER = "[[训练时间]]"

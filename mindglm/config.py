@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
+# The sentencepiece file of each family's THUDM model directory.
+TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 # What THUDM's modeling files build per family (their config.json leave these out for ChatGLM-6B).
 _V2_NETWORK = {"rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
                "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
@@ -273,16 +275,27 @@ _FIELD_TYPES = {
 }
 
 
+def is_type(value: Any, types) -> bool:
+    """isinstance for config values, the one rule every config reader uses: a bool is never a
+    number (True is an int in Python), and an int is also a float (YAML/JSON write 1 for 1.0)."""
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def type_names(types) -> str:
+    """`types` as a message says them: "int or null", "a mapping", ..."""
+    types = types if isinstance(types, tuple) else (types,)
+    names = {type(None): "null", dict: "a mapping", list: "a list"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
 def _check_type(key: str, value: Any, expected, source: str):
-    types = expected if isinstance(expected, tuple) else (expected,)
-    ok = isinstance(value, types)
-    if isinstance(value, bool) and bool not in types:
-        ok = False  # True is an int in Python; a bool where a number belongs is a mistake
-    if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"{source}: config key '{key}' must be {names}, got {value!r} "
+    if not is_type(value, expected):
+        raise ConfigError(f"{source}: config key '{key}' must be {type_names(expected)}, got {value!r} "
                           f"({type(value).__name__})")
     if key == "eos_token_id" and isinstance(value, list) and not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -160,11 +160,14 @@ class GLMModel:
         prompt, history = self._fit_prompt(tokenizer, query, history, role, truncate_history)
         stop_ids = chat.stop_token_ids(tokenizer, family)
         engine = self.engine_for(use_past)
+        config = self._generation_config(**generation)
         try:
-            seq = engine.add_request(prompt, self._generation_config(**generation), stop_ids=stop_ids,
+            seq = engine.add_request(prompt, config, stop_ids=stop_ids,
                                      tool_call_ids=chat.tool_call_token_ids(tokenizer, family))
         except PromptTooLong as exc:
-            raise chat.ChatError(f"{exc} (Clear the history, or lower max_new_tokens / max_length.)") from None
+            raise chat.ChatError(f"{exc} (Clear the history, or lower max_new_tokens.)") from None
+        except ConfigError as exc:    # the budget leaves no room for a reply
+            raise chat.ChatError(str(exc)) from None
         decoder = chat.StreamDecoder(tokenizer, family)
         seen = 0
         try:

@@ -19,14 +19,19 @@ def missing_packages(modules=REQUIRED) -> list:
     return [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
 
 
-def require_packages(program: str, modules=REQUIRED) -> None:
-    """Exit with status 2 and one line on stderr when a required package is missing."""
+def require_packages(program: str, modules=REQUIRED, command: str = None) -> None:
+    """Exit with status 2 and one line on stderr when a required package is missing.
+
+    program: the script's path (`__file__`); command: how to run it, default `python <program>`.
+    """
     missing = missing_packages(modules)
     if not missing:
         return
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     program = os.path.relpath(os.path.abspath(program), repo)
-    sys.stderr.write(f"{program}: error: this Python ({sys.executable}) lacks {', '.join(missing)}: run "
+    command = command or f"python {program}"
+    name = command.split()[-1]
+    sys.stderr.write(f"{name}: error: this Python ({sys.executable}) lacks {', '.join(missing)}: run "
                      f"`{SETUP_COMMAND}` in the repository (it sets up .venv and starts the demo chat), then "
-                     f"use .venv/bin/python {program}\n")
+                     f"use .venv/bin/{command}\n")
     raise SystemExit(2)

@@ -28,11 +28,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mindglm.config import ConfigError
+from mindglm.config import FAMILIES, TOKENIZER_FILES, ConfigError
 from mindglm.positions import PREFER_MASK, glm_2d_positions, left_pad, positions_from_padding
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3")
-TOKENIZER_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
 
 
 # transformers' `clean_up_tokenization` (tokenization_utils_base.py), in its order: what `decode()`
@@ -407,8 +405,8 @@ def infer_family(model_dir: str, vocab_file: Optional[str] = None) -> str:
     Order: config.json (ChatGLM-6B has `position_encoding_2d`; otherwise `_name_or_path` tells
     ChatGLM3 from ChatGLM2 exactly as `mindglm.config` decides for the model), then
     tokenizer_config.json's `name_or_path`, then the tokenizer itself: a file (under any name) by its
-    pieces, a directory by its file names (`ice_text.model` is ChatGLM-6B). A bare `tokenizer.model` with nothing else is ambiguous: ChatGLM3 is assumed,
-    with a warning (its text ids equal ChatGLM2's; pass family='chatglm2' for ChatGLM2).
+    pieces, a directory by its file names (`ice_text.model` is ChatGLM-6B). A bare ChatGLM2/3
+    tokenizer with nothing else is ambiguous: ChatGLM3 is assumed, with a warning (its text ids equal ChatGLM2's; pass family='chatglm2' for ChatGLM2).
     """
     from mindglm.config import detect_family
 

@@ -16,6 +16,7 @@ at any level, a wrong type or a missing file is one `ConfigError` that names it)
       mode: PYNATIVE_MODE           # or GRAPH_MODE
       device_target: Ascend         # CPU | GPU | Ascend
       device_id: 0
+      compile_cache: ~/.cache/mindglm  # optional: reuse compiled graphs across runs (README caveat)
     checkpoint: /path/to/model.ckpt # or a THUDM model dir (config.json + .bin/.safetensors)
     generation:                     # GenerationConfig fields; omitted ones take the family's
       max_length: 8192              # THUDM chat() defaults (CHAT_DEFAULTS)
@@ -37,6 +38,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import sys
@@ -46,7 +50,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
-from mindglm.config import FAMILIES, ConfigError, GLMConfig
+from mindglm.config import FAMILIES, ConfigError, GLMConfig, is_type, type_names
 from mindglm.engine.config import EngineConfig
 from mindglm.generation.config import GenerationConfig
 from mindglm.parallel.context import ParallelConfig
@@ -66,23 +70,20 @@ DEFAULT_CONTEXT = {"mode": "PYNATIVE_MODE", "device_target": "CPU", "device_id":
 
 _NONE = type(None)
 _GLM_FIELDS = {f.name for f in dataclasses.fields(GLMConfig)}
-_GENERATION_TYPES = {
-    "max_length": (int, _NONE), "max_new_tokens": (int, _NONE), "do_sample": (bool,),
-    "temperature": (float,), "top_k": (int,), "top_p": (float,), "repetition_penalty": (float,),
-    "eos_token_id": (int, list, _NONE), "pad_token_id": (int, _NONE), "seed": (int, _NONE),
-}
-assert set(_GENERATION_TYPES) == {f.name for f in dataclasses.fields(GenerationConfig)}
+# Leaves whose values are checked by the dataclass they fill (GenerationConfig), not here.
+CHECKED_LATER = object()
 
 # The shape of a run config: a dict is a section (its keys are the only ones allowed), a tuple
 # of types is a leaf. `model.model_config` is checked by GLMConfig itself.
 SCHEMA: dict = {
     "model": {"family": (str,), "model_config": (dict,)},
     "processor": {"tokenizer": (str, _NONE)},
-    "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE)},
+    "context": {"mode": (str, int), "device_target": (str,), "device_id": (int, _NONE),
+                "compile_cache": (str, _NONE)},
     "checkpoint": (str, _NONE),
-    "generation": dict(_GENERATION_TYPES),
-    "engine": {"max_num_seqs": (int,), "max_model_len": (int, _NONE), "chunk_size": (int,), "max_waiting": (int,)},
-    "parallel": {"tensor_parallel": (int,), "start_timeout": (int,)},
+    "generation": {f.name: CHECKED_LATER for f in dataclasses.fields(GenerationConfig)},
+    "engine": {f.name: CHECKED_LATER for f in dataclasses.fields(EngineConfig)},
+    "parallel": {f.name: CHECKED_LATER for f in dataclasses.fields(ParallelConfig)},
 }
 
 
@@ -190,19 +191,6 @@ def read_yaml(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- checks
-def _type_names(types) -> str:
-    return " or ".join("null" if t is _NONE else {"dict": "a mapping", "list": "a list"}.get(t.__name__, t.__name__)
-                       for t in types)
-
-
-def _is_type(value, types) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
 def _unknown_key(source: str, path: str, key: str, known: Iterable[str]) -> ConfigError:
     known = sorted(known)
     close = difflib.get_close_matches(key, known, n=1)
@@ -224,8 +212,8 @@ def check_schema(raw: dict, source: str, schema: dict = SCHEMA, path: str = "") 
             if value is None:  # an empty section (`generation:` with nothing under it)
                 continue
             check_schema(value, source, spec, full)
-        elif not _is_type(value, spec):
-            raise ConfigError(f"{source}: key '{full}' must be {_type_names(spec)}, got {value!r} "
+        elif spec is not CHECKED_LATER and not is_type(value, spec):
+            raise ConfigError(f"{source}: key '{full}' must be {type_names(spec)}, got {value!r} "
                               f"({type(value).__name__})")
 
 
@@ -247,7 +235,36 @@ def _check_context(context: dict, source: str) -> dict:
     device_id = values["device_id"]
     if device_id is not None and device_id < 0:
         raise ConfigError(f"{source}: key 'context.device_id' must be >= 0, got {device_id}")
-    return {"mode": mode, "device_target": matches[0], "device_id": device_id}
+    checked = {"mode": mode, "device_target": matches[0], "device_id": device_id}
+    if values.get("compile_cache"):  # opt-in: absent unless configured
+        checked["compile_cache"] = values["compile_cache"]
+    return checked
+
+
+def sources_digest(package: str) -> str:
+    """sha256 over the names and contents of every .py file under `package`."""
+    digest = hashlib.sha256()
+    for folder, _, names in sorted(os.walk(package)):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, package).encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def compile_cache_dir(root: str, model: GLMConfig) -> str:
+    """`root`/<family>-<hash>, the hash over the model config, mindglm's sources and the MindSpore
+    version. MindSpore validates a cache only against the entry script and the sources it imports
+    from outside sys.path, which leaves out an installed mindglm (and the repository the scripts
+    put on sys.path) and the sizes a config gives the same code: so those key the directory."""
+    digest = hashlib.sha256(json.dumps(model.to_dict(), sort_keys=True).encode())
+    digest.update(sources_digest(os.path.dirname(os.path.abspath(__file__))).encode())
+    try:
+        digest.update(importlib.metadata.version("mindspore").encode())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return os.path.join(root, f"{model.family}-{digest.hexdigest()[:12]}")
 
 
 def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:
@@ -316,7 +333,7 @@ def apply_overrides(raw: dict, overrides: Iterable[Union[str, tuple]] = ()) -> d
             path = f"{path}.{part}" if path else part
             if last:
                 leaf = spec.get(part) if spec is not None else None
-                if text is not None and isinstance(leaf, tuple) and str in leaf and not _is_type(value, leaf):
+                if text is not None and isinstance(leaf, tuple) and str in leaf and not is_type(value, leaf):
                     value = text  # a string key (a path): `123` or `/a: b` stay text
                 node[part] = value
                 break
@@ -342,6 +359,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
     processor = raw.get("processor") or {}
     if processor.get("tokenizer") is not None:
         processor["tokenizer"] = _resolve_path(processor["tokenizer"], base_dir)
+    if (raw.get("context") or {}).get("compile_cache") is not None:
+        raw["context"]["compile_cache"] = _resolve_path(raw["context"]["compile_cache"], base_dir)
     overrides = list(overrides)
     if overrides:
         raw = apply_overrides(raw, overrides)
@@ -380,6 +399,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         model_values["family"] = family
     values.update(model_values)
     notes = []
+    if (raw.get("context") or {}).get("compile_cache") is not None:
+        raw["context"]["compile_cache"] = _resolve_path(raw["context"]["compile_cache"], os.getcwd())
     context = _check_context(raw.get("context"), source)
     device = context["device_target"]
     if values.get("use_flash_attention") and device != "Ascend":
@@ -393,6 +414,8 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
             values["param_dtype"] = "float32"
             notes.append("param_dtype bfloat16 is not supported on CPU: weights are kept in float32 (lossless)")
     model = GLMConfig.from_dict(values, source=f"{source}: model.model_config")
+    if "compile_cache" in context:
+        context["compile_cache"] = compile_cache_dir(context["compile_cache"], model)
 
     generation_values = dict(CHAT_DEFAULTS[model.family])
     generation_values.update(raw.get("generation") or {})
@@ -466,9 +489,18 @@ def apply_context(context: dict) -> None:
     A device this MindSpore install cannot use is one ConfigError saying what is available
     (MindSpore's own diagnostics are kept out of the way).
     """
+    context = _check_context(context, "context")
+    if context.get("compile_cache"):
+        # read when MindSpore compiles a graph, so set before the first compilation
+        try:
+            os.makedirs(context["compile_cache"], exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"context.compile_cache: cannot create {context['compile_cache']} ({exc.strerror}): "
+                              "point it at a writable directory, or remove the key") from None
+        os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+        os.environ["MS_COMPILER_CACHE_PATH"] = context["compile_cache"]
     import mindspore as ms
 
-    context = _check_context(context, "context")
     target, device_id = context["device_target"], context["device_id"]
     if os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("DEVICE_ID"):
         device_id = int(os.environ["DEVICE_ID"])  # msrun gives each worker its own device

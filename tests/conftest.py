@@ -48,3 +48,13 @@ def reference_chat(config: str, overrides=()):
     model.generation_config = run_config.generation
     settings = {k: v for k, v in run_config.generation_settings.items() if k != "eos_token_id"}  # chat() sets stop ids
     return model, tokenizer, settings, run_config
+
+
+@pytest.fixture(scope="session")
+def live_servers(tmp_path_factory):
+    """tools/serve.py processes on 127.0.0.1 shared by the serving and web page tests:
+    `live_servers.get("chatglm3", ...)` (names in tests/live_server.py SERVER_ARGS)."""
+    from live_server import ServerPool
+    pool = ServerPool(str(tmp_path_factory.mktemp("serve-logs")))
+    yield pool
+    pool.stop()

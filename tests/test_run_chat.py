@@ -247,9 +247,9 @@ def test_session_v3_system_tools_and_tool_calls(tmp_path):
     assert model.calls[1]["role"] == "observation" and model.calls[1]["query"] == '{"temperature": 20}'
     assert model.calls[1]["history"][0] == system and len(model.calls[1]["history"]) == 3
     assert out.text.endswith(BOT_PREFIX + "It is sunny\n")
-    assert session.prompt() == USER_PROMPT and len(session.history) == 4  # no system message in it
+    assert session.prompt() == USER_PROMPT and len(session.conversation.history) == 4  # no system message in it
     session.handle("clear")
-    assert session.history == [] and session.system_text == "You are helpful."
+    assert session.conversation.history == [] and session.conversation.system_text == "You are helpful."
     assert session.handle("stop") is False
 
 
@@ -271,10 +271,11 @@ def test_interrupted_turn_keeps_history():
 
     out = Out()
     session = ChatSession(Interrupting([]), None, "chatglm3", {}, out=out)
-    session.history = [{"role": "user", "content": "a"}, {"role": "assistant", "metadata": "", "content": "b"}]
-    before = list(session.history)
+    session.conversation.history = [{"role": "user", "content": "a"},
+                                    {"role": "assistant", "metadata": "", "content": "b"}]
+    before = list(session.conversation.history)
     session.handle("hello")
-    assert session.history == before and "reply interrupted" in out.text
+    assert session.conversation.history == before and "reply interrupted" in out.text
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
@@ -294,18 +295,26 @@ def test_ctrl_c_is_acted_on_between_tokens():
     session = ChatSession(SignalsItself([]), None, "chatglm2", {}, out=out)
     session.handle("q")
     assert out.text.startswith(BOT_PREFIX + "a\n(") and "reply interrupted" in out.text
-    assert session.history == []
+    assert session.conversation.history == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_no_room_left_under_max_length_is_said_not_generated():
-    from mindglm.tokenization import load_tokenizer
-    tokenizer = load_tokenizer(os.path.join(E2E, "chatglm2-e2e"))
-    out, model = Out(), FakeModel([])
-    session = ChatSession(model, tokenizer, "chatglm2", {"max_length": 8}, out=out)
+    """The engine's budget rule refuses the turn (as batch_infer refuses the line); the session goes on."""
+    model, tokenizer, settings = reference_chat(TINY["chatglm2"])[:3]
+    out = Out()
+    session = ChatSession(model, tokenizer, "chatglm2", dict(settings, max_length=8), out=out)
     session.handle("一个比八个词元更长的问题，肯定放不下")
-    assert "generation.max_length is 8" in out.text and "clear" in out.text
-    assert model.calls == [] and session.history == []
+    assert "max_length 8 leaves no room for a reply: raise max_length or set max_new_tokens" in out.text
+    assert session.conversation.history == [] and model.engine.stats()["rows_in_use"] == 0
+
+
+def test_a_budget_beyond_the_context_is_noted_once():
+    assert run_chat.budget_notes({"max_length": 8192}, 512) == [
+        "generation.max_length 8192 is capped to the model's context of 512 tokens (engine.max_model_len): "
+        "prompt and reply share it"]
+    assert run_chat.budget_notes({"max_length": 512}, 512) == []
+    assert run_chat.budget_notes({"max_length": 8192, "max_new_tokens": 64}, 512) == []
 
 
 def test_parse_args_repeatable_set():

@@ -318,3 +318,15 @@ def test_unavailable_device_is_one_readable_error():
     assert "device_target Ascend" in result.stdout and "--device CPU" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_engine_section_is_read_and_checked(tmp_path):
+    run = load_run_config(tiny_yaml(tmp_path, "engine:\n  max_num_seqs: 3\n  max_model_len: 256\n  chunk_size: 32\n"))
+    assert (run.engine.max_num_seqs, run.engine.max_model_len, run.engine.chunk_size) == (3, 256, 32)
+    assert load_run_config(tiny_yaml(tmp_path)).engine.max_num_seqs == 8        # defaults when absent
+    with pytest.raises(ConfigError, match="key 'engine.max_num_seqs' is 0; it must be a positive int"):
+        load_run_config(tiny_yaml(tmp_path, "engine:\n  max_num_seqs: 0\n"))
+    with pytest.raises(ConfigError, match="max_model_len 100000 exceeds the model's context"):
+        load_run_config(tiny_yaml(tmp_path, "engine:\n  max_model_len: 100000\n"))
+    with pytest.raises(ConfigError, match="max_batch"):
+        load_run_config(tiny_yaml(tmp_path, "engine:\n  max_batch: 4\n"))

@@ -447,8 +447,9 @@ def main(argv=None) -> int:
         from mindglm.requirements import missing_packages
         missing = missing_packages({"torch": "torch", "transformers": "transformers"})
         if missing:
-            parser.error(f"--compare-torch needs {' and '.join(missing)} (optional reference packages): "
-                         "run `make reference`")
+            print(f"bench_generate.py: error: --compare-torch needs {' and '.join(missing)} (optional reference "
+                  "packages): run `make reference`", file=sys.stderr)
+            return 2
     if args.new_tokens < 2 * WINDOW + 2:
         parser.error(f"--new-tokens must be at least {2 * WINDOW + 2} (early/late windows of {WINDOW})")
 

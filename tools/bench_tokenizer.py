@@ -25,9 +25,7 @@ from mindglm.requirements import require_packages  # noqa: E402
 if __name__ == "__main__":
     require_packages(__file__)
 
-from mindglm.tokenization import load_tokenizer  # noqa: E402
-
-VOCAB_FILES = {"chatglm": "ice_text.model", "chatglm2": "tokenizer.model", "chatglm3": "tokenizer.model"}
+from mindglm.tokenization import TOKENIZER_FILES as VOCAB_FILES, load_tokenizer  # noqa: E402
 
 SUBJECTS = ["今天的天气", "这座城市", "人工智能", "我的朋友", "这本书", "那家餐厅", "新的研究", "学生们", "公司的产品",
             "北京的秋天", "机器学习模型", "这个问题", "历史博物馆", "年轻的工程师", "长江流域", "传统文化"]

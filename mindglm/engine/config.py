@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mindglm.config import ConfigError
+from mindglm.config import ConfigError, is_type
 
 DEFAULT_MAX_MODEL_LEN = 8192  # a row's slots when the model's own context is longer (32k models)
 
@@ -26,13 +26,11 @@ class EngineConfig:
     max_waiting: int = 256
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "chunk_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_model_len", "chunk_size", "max_waiting"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"engine setting '{name}' must be a positive integer, got {value!r}")
-        if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or
-                                               not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
-            raise ConfigError(f"engine setting 'max_model_len' must be a positive integer, got {self.max_model_len!r}")
+            if (value is not None or name != "max_model_len") and not (is_type(value, int) and value > 0):
+                raise ConfigError(f"engine setting '{name}' is {value!r}; it must be a positive int"
+                                  + (" or null" if name == "max_model_len" else ""))
 
     def model_len(self, seq_length: int) -> int:
         """Slots per row for a model whose context is `seq_length`."""

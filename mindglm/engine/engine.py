@@ -116,8 +116,6 @@ class Engine:
             if request_id is not None and self.scheduler.find(request_id) is not None:
                 raise ValueError(f"request id {request_id!r} is already running: use a unique id")
             self.scheduler.add(seq)
-        if seq.finished and listener is not None:
-            listener(seq, [])
         return seq
 
     def abort(self, request_id: str) -> None:

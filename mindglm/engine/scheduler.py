@@ -70,8 +70,7 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting for one of the "
                             f"{self.config.max_num_seqs} sequences: retry later or raise engine.max_waiting")
-        if not seq.finished:
-            self.waiting.append(seq)
+        self.waiting.append(seq)
 
     def find(self, request_id: str) -> Optional[Sequence]:
         for seq in list(self.waiting) + self.running:

@@ -46,8 +46,6 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
         self.finish_time: Optional[float] = None
-        if self.max_tokens == 0:
-            self.finish("length")
 
     @property
     def finished(self) -> bool:

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from mindglm.config import ConfigError
+from mindglm.config import ConfigError, is_type
 
 
 @dataclass
@@ -69,8 +69,8 @@ class GenerationConfig:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return is_type(v, int)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return is_type(v, float)

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from mindglm.checkpoint import CheckpointError
+from mindglm.config import DTYPES as MODEL_DTYPES
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ BY_SAFETENSORS = {d.safetensors: d for d in DTYPES.values()}
 BY_TORCH = {d.torch: d for d in DTYPES.values()}
 BY_NUMPY = {d.numpy: d for d in DTYPES.values()}
 ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-CAST_TARGETS = ("float32", "float16", "bfloat16")
+CAST_TARGETS = MODEL_DTYPES  # a conversion casts to the dtypes a model can hold
 
 
 def corrupt(path: str, why: str, fix: str = "re-download it") -> CheckpointError:

@@ -14,7 +14,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+from mindglm.config import DTYPES
+
+MS_DTYPES = {name: getattr(ms, name) for name in DTYPES}  # config.DTYPES are MindSpore's own names
 MASK_FILL = -1e9  # finite, so a fully masked (padding) row stays NaN-free; exp() of it is 0.0
 
 
@@ -292,7 +294,9 @@ class SelfAttention(nn.Cell):
                                                         config.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
-        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.add_qkv_bias,
+        # THUDM's rule: the fused qkv has a bias when either switch asks for one
+        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                          config.add_qkv_bias or config.add_bias_linear,
                           param_dtype, self.compute_dtype)
         self.dense = Linear(self.q_size, config.hidden_size, config.add_bias_linear, param_dtype,
                             self.compute_dtype)
