@@ -300,6 +300,7 @@ def main(argv=None) -> int:
         pass
     from mindglm.checkpoint import CheckpointError
     from mindglm.config import ConfigError
+    from mindglm.parallel.lockstep import reports_errors, run_front_end
 
     try:
         run, _ = load_run(args)
@@ -310,12 +311,19 @@ def main(argv=None) -> int:
         from mindglm.pipeline import load_run_model
         model = load_run_model(run)
     except (ConfigError, CheckpointError, ChatError, UsageError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"run_chat.py: error: {message}", file=sys.stderr)
+        if reports_errors():  # under msrun every rank finds the same mistake: rank 0 says it once
+            message = " ".join(str(exc).split())
+            print(f"run_chat.py: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    # Under msrun with tensor_parallel, rank 0 chats and the other ranks follow its engine.
+    return run_front_end(model, lambda: chat_loop(model, tokenizer, run)) or 0
+
+
+def chat_loop(model, tokenizer, run) -> int:
+    """The terminal conversation (rank 0's work under msrun)."""
     for note in run.notes + budget_notes(run.generation_settings, model.max_model_len):
         print(f"note: {note}")
     session = ChatSession(model, tokenizer, run.family, run.generation_settings)

@@ -6,6 +6,10 @@ linear layer: quantize, pack, or copy int weights) does it itself and says which
 parameters it filled; every other parameter is copied, cast once to the parameter's own dtype
 (fp16 weights go into fp16 parameters untouched, never through float32).
 
+A cell that loads the parameters of the cells below it (a tensor-parallel layer slicing full
+tensors for the local linear layer it wraps, mindglm/parallel/layers.py) names them with
+`loaded_parameters()`; they keep the checkpoint's names (the wrapper's path, not the inner one).
+
 Cells whose parameters are runtime state rather than weights (KV caches) declare a
 `parameter_group` other than "weights" and are skipped. A `WeightLoader` can take tensors from
 several sources (base weights, then adapters) before `finish()` checks nothing is missing.
@@ -34,10 +38,16 @@ def parameter_group(cell) -> str:
 def weight_slots(network, group: str = WEIGHTS) -> dict:
     """{parameter path: (owning cell, local name, Parameter)} for the parameters in `group`."""
     slots = {}
+    loaders = []  # paths of cells that load the parameters beneath them themselves
     for path, cell in network.cells_and_names():
-        if parameter_group(cell) != group:
+        if parameter_group(cell) != group or any(path.startswith(p + ".") for p in loaders):
             continue
-        for local, param in cell.parameters_and_names(expand=False):
+        if hasattr(cell, "loaded_parameters"):
+            loaders.append(path)
+            owned = cell.loaded_parameters()
+        else:
+            owned = cell.parameters_and_names(expand=False)
+        for local, param in owned:
             slots[f"{path}.{local}" if path else local] = (cell, local, param)
     return slots
 
@@ -59,14 +69,10 @@ class WeightLoader:
                                   "is the checkpoint for another model family or size?")
             cell, local, param = slot
             prefix = name[: len(name) - len(local)]
-            if hasattr(cell, "load_parameter"):
-                try:
-                    done = cell.load_parameter(local, array, name)
-                except CheckpointError as exc:
-                    raise CheckpointError(f"{source}: {exc}") from None
-            else:
-                copy_into(param, array, name, source)
-                done = [local]
+            try:
+                done = fill_parameter(cell, local, param, array, name)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{source}: {exc}") from None
             self.filled.update(prefix + d for d in done)
 
     def missing(self) -> list:
@@ -81,11 +87,21 @@ class WeightLoader:
                               "it is incomplete or for another model")
 
 
-def copy_into(param, array: np.ndarray, name: str, source: str) -> None:
+def fill_parameter(cell, local: str, param, array: np.ndarray, name: str) -> list:
+    """Fill `cell`'s parameter `local` from checkpoint tensor `name`: through the cell's own
+    `load_parameter` when it has one, else a copy. Returns the local names it filled."""
+    if hasattr(cell, "load_parameter"):
+        return cell.load_parameter(local, array, name)
+    copy_into(param, array, name)
+    return [local]
+
+
+def copy_into(param, array: np.ndarray, name: str, source: str = None) -> None:
     """Copy `array` into `param` (same shape), converted once to the parameter's dtype."""
     if tuple(array.shape) != tuple(param.shape):
-        raise ConfigError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, the config says "
-                          f"{tuple(param.shape)}: the checkpoint and the model config disagree")
+        where = f"{source}: " if source else ""
+        raise CheckpointError(f"{where}tensor '{name}' has shape {tuple(array.shape)}, the config says "
+                              f"{tuple(param.shape)}: the checkpoint and the model config disagree")
     param.set_data(Tensor(np.ascontiguousarray(array), param.dtype))
 
 
@@ -141,18 +157,36 @@ def adopt_stored_format(config: GLMConfig, bits: int, output_quantized: bool, so
                                quantize_output=config.quantize_output or output_quantized)
 
 
-def build_loaded_network(config: GLMConfig, source: Optional[str]):
-    """(network, config): build `config`'s network, rewrite its Linear cells for the weight format,
-    then load the weights of `source` into it (gpt-fast's build -> rewrite -> load order)."""
-    from mindglm.io.tensors import to_numpy
-    from mindglm.io.weights import _Conversion
+def build_rewritten_network(config: GLMConfig, parallel=None):
+    """`config`'s network with zero weights, rewritten for its weight format and, given a
+    ParallelContext, for this rank's tensor-parallel share (built from the local-size view)."""
     from mindglm.models import family_module
     from mindglm.quantize import quantize_network
+
+    if parallel is None:
+        network = family_module(config).build_network(config)
+        quantize_network(network, config)
+        return network
+    from mindglm.parallel.sharding import local_view, shard_network
+    network = family_module(config).build_network(local_view(config, parallel.world))
+    quantize_network(network, config)
+    shard_network(network, config, parallel.rank, parallel.world)
+    return network
+
+
+def build_loaded_network(config: GLMConfig, source: Optional[str], parallel=None):
+    """(network, config): build `config`'s network, rewrite its Linear cells for the weight format
+    (and, given a ParallelContext, for this rank's tensor-parallel share), then load the weights
+    of `source` into it (gpt-fast's build -> rewrite -> load order)."""
+    from mindglm.io.tensors import to_numpy
+    from mindglm.io.weights import _Conversion
 
     source = resolve_source(source)
     conversion = _Conversion(source, config, need_config=True)
     config = adopt_stored_format(config, conversion.bits, conversion.output_quantized, source)
-    network = family_module(config).build_network(config)
-    quantize_network(network, config)
-    load_weights(network, ((name, to_numpy(array)) for name, array in conversion.stream()), source)
+    network = build_rewritten_network(config, parallel)
+    # Float weights of an int layer are quantized in the stream, from whole rows, before any
+    # rank slices them: a row-parallel shard gets the scale of the full row, as one process does.
+    tensors = conversion.stream(bits=config.quantization_bit, quantize_output=config.quantize_output)
+    load_weights(network, ((name, to_numpy(array)) for name, array in tensors), source)
     return network, config

@@ -20,6 +20,7 @@ from mindglm.engine.model_runner import int_tensor
 from mindglm.generation.config import GenerationConfig
 from mindglm.loading import build_loaded_network, load_weights, with_quantize  # noqa: F401 (load_weights: API)
 from mindglm.models import family_module
+from mindglm.parallel.context import ParallelConfig
 from mindglm.yaml_config import RunConfig, load_run_config
 
 
@@ -32,12 +33,14 @@ class GLMModel:
     """
 
     def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None,
-                 engine_config: Optional[EngineConfig] = None):
+                 engine_config: Optional[EngineConfig] = None, parallel=None):
         self.config = config
         self.network = network
+        self.parallel = parallel  # a ParallelContext when the network is one rank's tensor-parallel share
         self.generation_config = generation or GenerationConfig()
         self.engine_config = engine_config or EngineConfig()
         self._engines = {}
+        self._wrap_runner = None
 
     # ------------------------------------------------------------------ scoring
     def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
@@ -62,8 +65,19 @@ class GLMModel:
         """The model's engine: compiled with a KV cache when use_past, else the exact full-forward one."""
         use_past = self.config.use_past if use_past is None else use_past
         if use_past not in self._engines:
-            self._engines[use_past] = Engine(self.network, self.config, self.engine_config, use_past=use_past)
+            engine = Engine(self.network, self.config, self.engine_config, use_past=use_past,
+                            seed_entropy=None if self.parallel is None else self.parallel.seed_entropy)
+            if self._wrap_runner is not None:
+                engine.runner = self._wrap_runner(engine.runner, use_past)
+            self._engines[use_past] = engine
         return self._engines[use_past]
+
+    def wrap_runners(self, wrap) -> None:
+        """Route every engine's runner, now and later, through `wrap(runner, use_past)` (rank 0 of
+        a tensor-parallel front end sends each runner call to the other ranks: parallel/lockstep.py)."""
+        self._wrap_runner = wrap
+        for use_past, engine in self._engines.items():
+            engine.runner = wrap(engine.runner, use_past)
 
     @property
     def engine(self) -> Engine:
@@ -217,25 +231,36 @@ def _batch_of_ids(input_ids, attention_mask, vocab_size: int) -> tuple:
 
 # ---------------------------------------------------------------------------------- loading
 def build_model(config: GLMConfig, source: Optional[str], generation: Optional[GenerationConfig] = None,
-                engine: Optional[EngineConfig] = None, adapter: Optional[str] = None,
-                merge_adapter: bool = True) -> GLMModel:
+                engine: Optional[EngineConfig] = None, parallel: Optional[ParallelConfig] = None,
+                adapter: Optional[str] = None, merge_adapter: bool = True) -> GLMModel:
     """Build `config`'s network, rewrite it for its weight format and load weights from `source`:
     a .ckpt (mindglm or MindFormers names) or a THUDM dir — whose single converted .ckpt wins over
-    converting on the fly (mindglm/loading.py); then apply `adapter` (mindglm/adapters)."""
-    network, config = build_loaded_network(config, source)
+    converting on the fly (mindglm/loading.py); then apply `adapter` (mindglm/adapters). With
+    `parallel.tensor_parallel` > 1 (inside an msrun launch, every rank making the same call) this
+    rank builds and loads only its share."""
+    context = None
+    if parallel is not None and parallel.tensor_parallel > 1:
+        if adapter is not None:
+            raise ConfigError("adapters are not sharded yet: merge the adapter first (`tools/finetune.py "
+                              "--merge`) and load the merged checkpoint with tensor_parallel")
+        from mindglm.parallel.context import init_tensor_parallel
+        from mindglm.parallel.sharding import check_tensor_parallel
+        check_tensor_parallel(config, parallel.tensor_parallel)   # before any rank waits on another
+        context = init_tensor_parallel(parallel.tensor_parallel, parallel.start_timeout)
+    network, config = build_loaded_network(config, source, context)
     if adapter is not None:
         apply_adapter(network, config, adapter, merge_adapter)
-    return GLMModel(config, network, generation, engine)
+    return GLMModel(config, network, generation, engine, context)
 
 
 def load_run_model(run: RunConfig) -> GLMModel:
     """The model of a YAML run config: its network, its checkpoint, its generation defaults."""
-    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine, run.adapter)
+    return build_model(run.model, run.require_checkpoint(), run.generation, run.engine, run.parallel, run.adapter)
 
 
 def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
                use_past: Optional[bool] = None, quantize: Optional[str] = None, adapter: Optional[str] = None,
-               merge_adapter: bool = True) -> GLMModel:
+               merge_adapter: bool = True, tensor_parallel: Optional[int] = None) -> GLMModel:
     """Build the network described by `path` and load its weights.
 
     path: a THUDM-format model dir (config.json + .bin/.safetensors weights, converted on the fly
@@ -247,17 +272,20 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
     "fp16" (Linear weights stored in fp16, multiplied in float32); None keeps the checkpoint's.
     adapter: a peft LoRA dir or a THUDM P-Tuning v2 dir, applied after loading (a YAML's
     `adapter:` otherwise); merge_adapter=False keeps LoRA unmerged, as LoRALinear cells.
+    tensor_parallel: split the model over this many msrun workers (every rank calls load_model
+    alike and gets identical results); None keeps a YAML's `parallel.tensor_parallel` (else 1).
     """
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist: pass a THUDM model directory (config.json + weights) "
                           "or a YAML config from configs/")
     generation = engine = yaml_adapter = None
+    parallel = ParallelConfig()
     if os.path.isdir(path):
         config, weights = GLMConfig.from_thudm(path), path
     elif path.endswith((".yaml", ".yml")):
         run = load_run_config(path)
-        config, weights, generation, engine, yaml_adapter = (run.model, run.checkpoint, run.generation, run.engine,
-                                                             run.adapter)
+        config, weights, generation, engine, parallel, yaml_adapter = (run.model, run.checkpoint, run.generation,
+                                                                       run.engine, run.parallel, run.adapter)
     else:
         raise ConfigError(f"{path}: expected a model directory or a .yaml config")
     if dtype is not None:
@@ -266,5 +294,7 @@ def load_model(path: str, checkpoint: Optional[str] = None, dtype: Optional[str]
         config.compute_dtype = config.param_dtype = dtype
     if use_past is not None:
         config.use_past = use_past
-    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine,
+    if tensor_parallel is not None:
+        parallel = ParallelConfig(tensor_parallel, parallel.start_timeout)
+    return build_model(with_quantize(config, quantize), checkpoint or weights, generation, engine, parallel,
                        adapter or yaml_adapter, merge_adapter)

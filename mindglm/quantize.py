@@ -144,6 +144,11 @@ class WeightLinear(nn.Cell):
                         self.bias)
         return y.reshape(lead + (self.out_features,)).astype(self.compute_dtype)
 
+    def resized(self, in_features: int, out_features: int) -> "WeightLinear":
+        """A layer of the same format and backend with other sizes (a tensor-parallel shard)."""
+        return WeightLinear(in_features, out_features, self.bias is not None, self.fmt, self.backend,
+                            self.compute_dtype)
+
     # ------------------------------------------------------------------ loading
     def load_parameter(self, local: str, array: np.ndarray, name: str) -> list:
         """Fill from checkpoint tensor `name` (`local`: weight, weight_scale or bias); returns the

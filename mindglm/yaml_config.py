@@ -54,6 +54,7 @@ import yaml
 from mindglm.config import FAMILIES, ConfigError, GLMConfig, is_type, type_names
 from mindglm.engine.config import EngineConfig
 from mindglm.generation.config import GenerationConfig
+from mindglm.parallel.context import ParallelConfig
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
 
@@ -84,6 +85,7 @@ SCHEMA: dict = {
     "adapter": (str, _NONE),
     "generation": {f.name: CHECKED_LATER for f in dataclasses.fields(GenerationConfig)},
     "engine": {f.name: CHECKED_LATER for f in dataclasses.fields(EngineConfig)},
+    "parallel": {f.name: CHECKED_LATER for f in dataclasses.fields(ParallelConfig)},
 }
 
 
@@ -109,6 +111,7 @@ class RunConfig:
     notes: list = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapter: Optional[str] = None   # a peft LoRA or THUDM P-Tuning v2 dir (mindglm/adapters)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def family(self) -> str:
@@ -434,9 +437,13 @@ def build_run_config(raw: dict, source: str, base_dir: str, overrides: Iterable 
         engine.model_len(model.seq_length)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}".replace("engine setting '", "key 'engine.")) from None
+    try:
+        parallel = ParallelConfig(**(raw.get("parallel") or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}".replace("parallel setting '", "key 'parallel.")) from None
     return RunConfig(model=model, checkpoint=checkpoint, tokenizer=tokenizer, generation=generation,
                      context=context, source=source, generation_settings=settings, notes=notes, engine=engine,
-                     adapter=adapter)
+                     adapter=adapter, parallel=parallel)
 
 
 def load_run_config(path: str, overrides: Iterable = ()) -> RunConfig:
@@ -503,6 +510,8 @@ def apply_context(context: dict) -> None:
     import mindspore as ms
 
     target, device_id = context["device_target"], context["device_id"]
+    if os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("DEVICE_ID"):
+        device_id = int(os.environ["DEVICE_ID"])  # msrun gives each worker its own device
     captured = _CapturedStderr()
     error = None
     try:

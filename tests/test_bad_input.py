@@ -105,7 +105,7 @@ def test_load_model_keeps_the_yaml_dtype_unless_one_is_passed(tmp_path, monkeypa
     text = text.replace("../../tests", os.path.join(ROOT, "tests"))
     yaml_path = tmp_path / "fp16.yaml"
     yaml_path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(pipeline, "build_model", lambda config, source, generation, engine, *adapter: config)
+    monkeypatch.setattr(pipeline, "build_model", lambda config, source, generation, engine, *rest: config)
     assert mindglm.load_model(str(yaml_path)).compute_dtype == "float16"
     assert mindglm.load_model(str(yaml_path), dtype="float32").compute_dtype == "float32"
     with pytest.raises(ConfigError, match="dtype 'fp8': expected one of float32, float16, bfloat16"):

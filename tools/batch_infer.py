@@ -303,6 +303,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mindglm.chat import ChatError
     from mindglm.checkpoint import CheckpointError
+    from mindglm.parallel.lockstep import reports_errors, run_front_end
     from mindglm.yaml_config import apply_context, resolve_run
 
     try:
@@ -333,8 +334,18 @@ def main(argv=None) -> int:
         model = load_run_model(run)
         model.engine_config = engine_config
     except (ConfigError, CheckpointError, ChatError, BatchError) as exc:
-        print(f"batch_infer.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        if reports_errors():  # under msrun every rank finds the same mistake: rank 0 says it once
+            print(f"batch_infer.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    # Under msrun with tensor_parallel, rank 0 reads and writes the files and the other ranks
+    # follow its engine. Every rank read the input (and --output for --resume) above, before the
+    # model's start joined them: rank 0 writes nothing until then, so they all saw the same lines.
+    return run_front_end(model, lambda: generate_lines(args, run, model, tokenizer, todo, bad)) or 0
+
+
+def generate_lines(args, run, model, tokenizer, todo, bad) -> int:
+    """Generate `todo` into --output with a progress bar (rank 0's work under msrun)."""
+    from mindglm.chat import ChatError
     for note in run.notes:
         print(f"note: {note}", file=sys.stderr)
 

@@ -24,10 +24,20 @@ median decode step over all runs. Prints one JSON object at the end.
     python tools/bench_generate.py --config small --compare-torch
     python tools/bench_generate.py --config small --quantize int4
     python tools/bench_generate.py --config small --compare-cpp
+
+--tensor-parallel N (under `msrun --worker_num=N --local_worker_num=N ...`) builds the model split
+over the N ranks and, in the same run, whole in each rank: warm decode tokens/s of both at batch
+1 and batch N (the split model with every rank stepping together; then the whole one on rank 0
+while the others wait), and each rank's peak RSS with its share (before the whole model is built).
+Greedy tokens of the two must be equal (exit status 1 otherwise). Rank 0 prints the JSON.
+
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \
+        tools/bench_generate.py --config small --tensor-parallel 2
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -85,7 +95,7 @@ def random_weights(config, seed: int) -> dict:
 
 def build_mindglm(config, weights, fmt=None):
     """Build -> rewrite (the weight format) -> load, as mindglm.load_model does."""
-    from bench_cpp import PAIRS, build_mindglm as build_format
+    from bench_cpp import build_mindglm as build_format
     return build_format(config, weights, fmt or "matmul")
 
 
@@ -201,6 +211,67 @@ def load_average() -> list:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return []
+
+
+def tensor_parallel_bench(config, weights, args, report) -> int:
+    """--tensor-parallel: the split model against the whole one, on every rank of the launch."""
+    from mindspore import Tensor, ops
+    from mindglm.loading import build_rewritten_network, load_weights
+    from mindglm.parallel.context import init_tensor_parallel
+    from mindglm.parallel.lockstep import run_front_end
+    from mindglm.pipeline import GLMModel
+
+    context = init_tensor_parallel(args.tensor_parallel)
+    rng = np.random.default_rng(args.seed + 1)
+    prompt1 = rng.integers(3, config.vocab_size, (1, args.prompt_len), dtype=np.int64)
+    prompt_n = rng.integers(3, config.vocab_size, (args.batch, args.prompt_len), dtype=np.int64)
+    gather = ops.AllGather()
+
+    def per_rank(value: float) -> list:
+        return [float(v) for v in gather(Tensor(np.array([value], np.float32))).asnumpy()]
+
+    def run(model) -> tuple:
+        engine = MindglmEngine(model, args.new_tokens)
+        engine.generate(prompt1, 4)
+        engine.generate(prompt_n, 4)             # compiles the batch-1 and batch-N graphs
+        results = {}
+        for key, prompt in (("batch1", prompt1), ("batch_n", prompt_n)):
+            summaries, tokens = measure([engine], prompt, args.repeats)
+            results[key] = dict(summaries["mindglm"], tokens=tokens["mindglm"])
+        return results
+
+    start = time.perf_counter()
+    network = build_rewritten_network(config, context)
+    load_weights(network, weights.items(), "random")
+    split = GLMModel(config, network, parallel=context)
+    build_s = time.perf_counter() - start
+    split_results = run(split)
+    report["tensor_parallel"] = {
+        "world": context.world, "build_and_load_s_per_rank": per_rank(build_s),
+        "peak_rss_mb_per_rank": per_rank(peak_rss_mb()),   # the rank's share, its cache and graphs
+        "decode_tokens_per_s": {k: per_rank(v["decode_tokens_per_s"]) for k, v in split_results.items()},
+        "median_step_tokens_per_s": {k: per_rank(v["median_step_tokens_per_s"]) for k, v in split_results.items()}}
+
+    def whole_alone() -> int:
+        """Rank 0: the whole model, with the other ranks idle (following over lockstep's socket,
+        not waiting in a collective, which would time out)."""
+        whole_results = run(build_mindglm(config, weights, args.quantize))
+        report["single_process"] = {k: {m: v[m] for m in ("decode_tokens_per_s", "median_step_tokens_per_s")}
+                                    for k, v in whole_results.items()}
+        report["tokens_identical"] = {k: bool(np.array_equal(whole_results[k]["tokens"], split_results[k]["tokens"]))
+                                      for k in whole_results}
+        report["ratio_split_over_single"] = {
+            k: split_results[k]["decode_tokens_per_s"] / whole_results[k]["decode_tokens_per_s"]
+            for k in whole_results}
+        report["peak_rss_mb_rank0_with_both_models"] = peak_rss_mb()
+        report["load_average_end"] = load_average()
+        print(json.dumps(report, indent=1, default=float))
+        if not all(report["tokens_identical"].values()):
+            print("FAILED: the split model's greedy tokens differ from the whole one's", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_front_end(split, whole_alone) or 0
 
 
 # ---------------------------------------------------------------------------------- engines
@@ -369,6 +440,8 @@ def main(argv=None) -> int:
                              "all four formats (needs chatglm-cpp==0.4.2 and torch)")
     parser.add_argument("--tokenizer", default=os.path.join(REPO, "tests", "fixtures", "tokenizers", "tokenizer.model"),
                         help="with --compare-cpp: the ChatGLM2 tokenizer.model written into chatglm.cpp's file")
+    parser.add_argument("--tensor-parallel", type=int, default=1,
+                        help="under msrun: the model split over this many ranks, next to the whole one")
     args = parser.parse_args(argv)
     if args.compare_torch:
         from mindglm.requirements import missing_packages
@@ -397,6 +470,11 @@ def main(argv=None) -> int:
     report["random_weights_s"], weights = timed(random_weights, config, args.seed)
     n_params = sum(a.size for a in weights.values())
     report.update(parameters=int(n_params), weights_gb_fp32=n_params * 4 / 1e9, quantize=args.quantize)
+    if args.tensor_parallel > 1:
+        if args.quantize:
+            from bench_cpp import PAIRS
+            config = dataclasses.replace(config, **PAIRS[args.quantize][0])
+        return tensor_parallel_bench(config, weights, args, report)
     if args.compare_cpp:
         from bench_cpp import compare
         from mindglm.kernels.build import kernels_have_simd

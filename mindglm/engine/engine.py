@@ -78,8 +78,12 @@ def token_budget(generation: GenerationConfig, prompt_tokens: int, max_model_len
 class Engine:
     """Scheduler + runner + sampler over one network."""
 
-    def __init__(self, network, config, engine_config: Optional[EngineConfig] = None, use_past: bool = True):
+    def __init__(self, network, config, engine_config: Optional[EngineConfig] = None, use_past: bool = True,
+                 seed_entropy: Optional[int] = None):
         self.config = config
+        # Tensor-parallel ranks that each run an engine (every rank making the same calls) draw the
+        # seeds of unseeded requests from one shared stream, so they all sample the same tokens.
+        self._seeds = None if seed_entropy is None else np.random.default_rng(seed_entropy)
         self.engine_config = engine_config or EngineConfig()
         self.max_model_len = self.engine_config.model_len(config.seq_length)
         self.family = family_module(config)
@@ -104,8 +108,11 @@ class Engine:
         rule = self.family.position_rule(self.config)
         if position_ids is not None:   # explicit positions advance by the family's step
             positions, rule = np.asarray(position_ids, np.int64).reshape(positions.shape), None
+        seed = generation.seed
+        if seed is None and self._seeds is not None:
+            seed = int(self._seeds.integers(2 ** 63))
         seq = Sequence(prompt, positions, self.family.POSITION_STEP, context_length, generation, stop_ids,
-                       tool_call_ids, budget, request_id, listener, capped, rule)
+                       tool_call_ids, budget, request_id, listener, capped, rule, seed=seed)
         with self._lock:
             if request_id is not None and self.scheduler.find(request_id) is not None:
                 raise ValueError(f"request id {request_id!r} is already running: use a unique id")

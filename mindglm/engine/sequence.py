@@ -27,7 +27,7 @@ class Sequence:
     def __init__(self, prompt_ids: list, positions: np.ndarray, position_step: np.ndarray,
                  context_length: int, generation: GenerationConfig, stop_ids, tool_call_ids,
                  max_tokens: int, request_id: Optional[str] = None, listener: Optional[Callable] = None,
-                 capped: bool = False, position_rule: Optional[Callable] = None):
+                 capped: bool = False, position_rule: Optional[Callable] = None, seed: Optional[int] = None):
         self.request_id = request_id if request_id is not None else f"seq-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.positions = np.asarray(positions, np.int64)
@@ -35,7 +35,7 @@ class Sequence:
         self.position_rule = position_rule
         self.context_length = int(context_length)
         self.generation = generation
-        self.rng = np.random.default_rng(generation.seed)
+        self.rng = np.random.default_rng(generation.seed if seed is None else seed)
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.tool_call_ids = frozenset(int(i) for i in tool_call_ids)
         self.max_tokens = int(max_tokens)

@@ -94,7 +94,6 @@ class GLMTransformer(nn.Cell):
         self.output = None
         if not config.tie_word_embeddings:
             self.output = Linear(config.hidden_size, config.vocab_size, False, param_dtype, self.compute_dtype)
-        self.logits_matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths,
                   slot_mapping=None, kv_rows=None, last_index=None):
@@ -127,5 +126,5 @@ class GLMTransformer(nn.Cell):
         if self.output is not None:
             return self.output(h).astype(ms.float32)
         batch, seq, hidden = h.shape
-        logits = self.logits_matmul(h.reshape(-1, hidden), self.embedding.weight.astype(self.compute_dtype))
+        logits = self.embedding.logits(h.reshape(-1, hidden).astype(self.compute_dtype))
         return logits.reshape(batch, seq, -1).astype(ms.float32)

@@ -49,16 +49,29 @@ class Linear(nn.Cell):
             y = y + self.bias.astype(self.compute_dtype)
         return y.reshape(lead + (self.out_features,))
 
+    def resized(self, in_features: int, out_features: int) -> "Linear":
+        """A layer like this one with other sizes (a tensor-parallel shard)."""
+        return Linear(in_features, out_features, self.bias is not None, self.weight.dtype, self.compute_dtype)
+
 
 class Embedding(nn.Cell):
-    """Token embedding table [vocab, hidden]."""
+    """Token embedding table [vocab, hidden]; `logits()` is the output projection tied to it (GLM v1)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, param_dtype):
         super().__init__()
         self.weight = _zeros((vocab_size, hidden_size), param_dtype)
+        self.logits_matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, input_ids):
         return ops.gather(self.weight, input_ids, 0)
+
+    def resized(self, vocab_size: int) -> "Embedding":
+        """A table like this one with `vocab_size` rows (a tensor-parallel shard)."""
+        return Embedding(vocab_size, self.weight.shape[1], self.weight.dtype)
+
+    def logits(self, h):
+        """h [tokens, hidden] -> [tokens, vocab] = h E^T, in h's dtype."""
+        return self.logits_matmul(h, self.weight.astype(h.dtype))
 
 
 class RMSNorm(nn.Cell):

@@ -71,15 +71,23 @@ def main(argv=None) -> int:
     from mindglm.chat import ChatError
     from mindglm.checkpoint import CheckpointError
     from mindglm.config import ConfigError
+    from mindglm.parallel.lockstep import reports_errors, run_front_end
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
     try:
         model, tokenizer, run, checkpoint = build(args)
     except (ConfigError, CheckpointError, ChatError) as exc:
-        print(f"serve.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        if reports_errors():  # under msrun every rank finds the same mistake: rank 0 says it once
+            print(f"serve.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    # Under msrun with tensor_parallel, rank 0 serves HTTP and the other ranks follow its engine.
+    return run_front_end(model, lambda: serve_http(args, model, tokenizer, run, checkpoint)) or 0
+
+
+def serve_http(args, model, tokenizer, run, checkpoint) -> int:
+    """The HTTP server over `model` (rank 0's work under msrun)."""
     for note in run.notes:
         print(f"note: {note}", file=sys.stderr)
     from mindglm.serving.app import ServerState
