@@ -78,14 +78,17 @@ def test_finetune_config_errors_are_one_line(tmp_path, capsys):
 
 def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):
     pytest.importorskip("jieba")
-    import evaluate
     from mindglm.tuning.metrics import score
     from mindglm.yaml_config import load_run_config
     data = tmp_path / "dev.json"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN), encoding="utf-8")
     out = tmp_path / "eval"
-    assert evaluate.main(["--config", BASE, "--data", str(data), "--output-dir", str(out),
-                          "--max-new-tokens", "6"]) == 0
+    import subprocess
+    # a process of its own, as a user runs it: it sets the device context, which one test process can set only once
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--config", BASE, "--data",
+                             str(data), "--output-dir", str(out), "--max-new-tokens", "6"], capture_output=True,
+                            cwd=REPO, timeout=300, env={**os.environ, "GLOG_v": "3"})
+    assert result.returncode == 0, result.stderr.decode()
     rows = [json.loads(line) for line in (out / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()]
     run = load_run_config(BASE)
     model, tokenizer = mindglm.load_model(BASE), run.load_tokenizer()
@@ -101,3 +104,13 @@ def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == score([r["predict"] for r in rows], [r["labels"] for r in rows])
     assert [r["labels"] for r in rows] == ["红色的裙子", "一件上衣", "你好呀"]
+
+
+def test_shipped_finetune_configs_load():
+    import glob
+    from mindglm.tuning.config import load_finetune_config
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*", "finetune_*.yaml")))
+    assert len(paths) == 6
+    for path in paths:
+        cfg = load_finetune_config(path)
+        assert os.path.isfile(cfg.model) and cfg.method in os.path.basename(path)

@@ -12,7 +12,10 @@ from mindglm.yaml_config import (CHAT_DEFAULTS, apply_overrides, load_run_config
                                  run_config_for_checkpoint)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+ALL_YAML = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+# fine-tuning configs are not run configs: they name one (tests/test_finetune.py reads them)
+FINETUNE = [p for p in ALL_YAML if os.path.basename(p).startswith("finetune_")]
+CONFIGS = [p for p in ALL_YAML if p not in FINETUNE]
 E2E = os.path.join(REPO, "tests", "fixtures", "chat")
 NETWORK_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_channels",
                   "multi_query_group_num", "ffn_hidden_size", "seq_length", "layernorm_epsilon", "rmsnorm",
