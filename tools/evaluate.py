@@ -38,28 +38,20 @@ def parse_args(argv=None):
 
 def read_pairs(path: str, args) -> list:
     """[(query, history, reference)] of every line; a bad line is a DataError naming it."""
-    from mindglm.tuning.data import DataError
+    from mindglm.tuning.data import DataError, json_lines
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
-            if "conversations" in record:
-                turns = record["conversations"]
-                if not turns or turns[-1].get("role") != "assistant" or len(turns) < 2:
-                    raise DataError(f"{where}: a conversation to score must end with user then assistant turns")
-                pairs.append((turns[-2]["content"], turns[:-2], turns[-1]["content"]))
-                continue
-            for column in (args.prompt_column, args.response_column):
-                if not isinstance(record.get(column), str):
-                    raise DataError(f"{where}: no text column '{column}'; pass --prompt-column / --response-column")
-            history = record.get(args.history_column) or [] if args.history_column else []
-            pairs.append((record[args.prompt_column], history, record[args.response_column]))
+    for _, where, record in json_lines(path):
+        if "conversations" in record:
+            turns = record["conversations"]
+            if not turns or turns[-1].get("role") != "assistant" or len(turns) < 2:
+                raise DataError(f"{where}: a conversation to score must end with user then assistant turns")
+            pairs.append((turns[-2]["content"], turns[:-2], turns[-1]["content"]))
+            continue
+        for column in (args.prompt_column, args.response_column):
+            if not isinstance(record.get(column), str):
+                raise DataError(f"{where}: no text column '{column}'; pass --prompt-column / --response-column")
+        history = record.get(args.history_column) or [] if args.history_column else []
+        pairs.append((record[args.prompt_column], history, record[args.response_column]))
     return pairs
 
 

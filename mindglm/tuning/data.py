@@ -130,13 +130,13 @@ def encode_record(tokenizer, family: str, record, data: DataConfig, where: str) 
     return _adgen_ids(tokenizer, family, query, answer, history, data)
 
 
-def read_examples(path: str, tokenizer, family: str, data: DataConfig) -> list:
-    """Every line of a JSON-lines file as an Example; the first bad line is a DataError naming it."""
-    examples = []
+def json_lines(path: str):
+    """(line number, "path:line", record) for every non-blank line of a JSON-lines file; an
+    unreadable file or a line that is not JSON is a DataError naming it."""
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise DataError(f"cannot read training data {path}: {exc.strerror}") from None
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
     with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -146,12 +146,19 @@ def read_examples(path: str, tokenizer, family: str, data: DataConfig) -> list:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
-            ids, labels = encode_record(tokenizer, family, record, data, where)
-            if all(label == IGNORE for label in labels[1:]):
-                raise DataError(f"{where}: no token is left to learn after truncation (max_source_length="
-                                f"{data.max_source_length}, max_target_length={data.max_target_length}): raise "
-                                "them or shorten the line")
-            examples.append(Example(ids, labels, number))
+            yield number, where, record
+
+
+def read_examples(path: str, tokenizer, family: str, data: DataConfig) -> list:
+    """Every line of a JSON-lines file as an Example; the first bad line is a DataError naming it."""
+    examples = []
+    for number, where, record in json_lines(path):
+        ids, labels = encode_record(tokenizer, family, record, data, where)
+        if all(label == IGNORE for label in labels[1:]):
+            raise DataError(f"{where}: no token is left to learn after truncation (max_source_length="
+                            f"{data.max_source_length}, max_target_length={data.max_target_length}): raise "
+                            "them or shorten the line")
+        examples.append(Example(ids, labels, number))
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
