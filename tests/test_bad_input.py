@@ -2,11 +2,10 @@
 import os
 import re
 
-import numpy as np
 import pytest
 
 import mindglm
-from conftest import golden, model_dir
+from conftest import model_dir
 from mindglm.config import ConfigError, GLMConfig
 from mindglm.io.weights import iter_mindglm_tensors
 from mindglm.pipeline import load_weights

@@ -512,7 +512,6 @@ def test_cli_module_runs(tmp_path):
 def test_sigterm_leaves_no_tmp_file(tmp_path):
     """SIGTERM during a conversion unwinds like Ctrl-C: no DST.tmp, no DST, and a rerun works."""
     import signal
-    import time
     dst = tmp_path / "out.ckpt"
     slow = ("import sys, time, mindglm.io.ms_ckpt as w\n"
             "write = w.CkptWriter.write\n"

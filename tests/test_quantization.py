@@ -7,7 +7,6 @@ Fixtures (tests/fixtures/quant/, from THUDM's quantization.py): `fp16/` a model 
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

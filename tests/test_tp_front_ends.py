@@ -2,7 +2,6 @@
 1 follows its engine), and a rank that dies: one clear error on rank 0, no worker left behind."""
 import json
 import os
-import sys
 import time
 
 import pytest

@@ -9,13 +9,12 @@ import pytest
 from mindspore import Tensor
 
 import mindglm
-from mindglm.adapters import LoRALinear, PrefixAttention
-from mindglm.adapters.lora import add_lora, read_lora_config
+from mindglm.adapters import LoRALinear
+from mindglm.adapters.lora import add_lora
 from mindglm.adapters.prefix import add_prefix, prefix_encoder_of
 from mindglm.adapters.save import save_lora, save_ptuning
 from mindglm.tuning.data import DataConfig, DataError, Example, encode_record, read_examples
-from mindglm.tuning.train import AdamW, OptimConfig, Trainer, clip_by_global_norm, collate, learning_rate, \
-    network_inputs
+from mindglm.tuning.train import AdamW, OptimConfig, Trainer, clip_by_global_norm, collate, learning_rate
 from conftest import FIXTURES, model_dir
 
 CHAT = {f: os.path.join(FIXTURES, "chat", f"{f}-e2e") for f in ("chatglm", "chatglm2", "chatglm3")}
