@@ -62,8 +62,7 @@ def generate_all(model, tokenizer, family, pairs, generation) -> list:
     stop_ids = chat.stop_token_ids(tokenizer, family)
     sequences = [engine.add_request(chat.build_chat_ids(tokenizer, family, query, history), generation,
                                     stop_ids=stop_ids) for query, history, _ in pairs]
-    while not all(seq.finished for seq in sequences):
-        engine.step()
+    engine.run_until_done(sequences)
     return [tokenizer.decode([t for t in seq.output_ids if t not in stop_ids], skip_special_tokens=True).strip()
             for seq in sequences]
 
