@@ -115,10 +115,10 @@ def test_v1_left_padded_batch():
 def test_v1_attention_mask_is_bidirectional_over_the_context():
     from mindspore import Tensor
     import mindspore as ms
-    from mindglm.models.layers import attention_mask
-    key_valid = Tensor(np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]), ms.int32)
-    query_index = Tensor(np.array([np.arange(5), [1, 2, 3, 3, 3]]), ms.int32)   # per row
-    allowed = attention_mask(key_valid, query_index, Tensor(np.array([3, 2]), ms.int32))
+    from mindglm.models.layers import attention_mask, mask_inputs
+    key_valid = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    query_index = np.array([np.arange(5), [1, 2, 3, 3, 3]])   # per row
+    allowed = attention_mask(*(Tensor(a, ms.int32) for a in mask_inputs(key_valid, query_index, [3, 2])))
     expected = np.array([[[0, 1, 1, 0, 0],   # pad query: only real context keys (never NaN)
                           [0, 1, 1, 0, 0],
                           [0, 1, 1, 0, 0],
@@ -130,6 +130,20 @@ def test_v1_attention_mask_is_bidirectional_over_the_context():
                           [1, 1, 1, 1, 0],
                           [1, 1, 1, 1, 0]]], bool)
     np.testing.assert_array_equal(allowed.asnumpy()[:, 0], expected)
+
+
+def test_packed_row_queries_see_only_their_own_sequence():
+    """Two sequences back to back on one key axis (a packed prefill): each query's range is its own."""
+    from mindspore import Tensor
+    import mindspore as ms
+    from mindglm.models.layers import attention_mask
+    key_valid = np.array([[1, 1, 1, 1, 1, 0]])
+    first = np.array([[0, 0, 2, 2, 2, 0]])           # sequence A: keys 0-1, B: keys 2-4, then padding
+    last = np.array([[0, 1, 2, 3, 4, 4]])
+    allowed = attention_mask(*(Tensor(a, ms.int32) for a in (key_valid, first, last))).asnumpy()[0, 0]
+    expected = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0],
+                         [0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(allowed, expected)
 
 
 def test_v2_positions_from_attention_mask():

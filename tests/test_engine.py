@@ -120,6 +120,40 @@ def test_chunked_prefill_of_a_long_prompt_equals_the_exact_path(small_engine_mod
     np.testing.assert_allclose(chunk_logits, logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["chatglm-tiny", "chatglm2-tiny", "chatglm3-tiny"])
+def test_prompts_arriving_together_prefill_in_one_packed_call(small_engine_models, name):
+    """Prompts of one step share one prefill call (back to back in one row of tokens), yet each
+    sees only its own keys: its logits equal the golden's (or, for random lengths, the exact
+    no-cache forward of that prompt alone), and its greedy reply the golden's."""
+    ref = golden(name)
+    model = small_engine_models[name]
+    engine = model.engine
+    cases = [("single", 0), ("mask", 0)] if name == "chatglm-tiny" else [("single", 0), ("batch", 1)]
+    prompts = [_real(ref, case, row) for case, row in cases]
+    expected = [ref[f"{case}_logits"][row, -1] for case, row in cases]
+    if name != "chatglm-tiny":             # a random length too, against the prompt alone
+        prompt = np.random.default_rng(3).integers(3, 990, size=64 - sum(len(p) for p in prompts) - 3)
+        prompts.append(prompt)
+        expected.append(model.logits(prompt[None])[0, -1])
+    new = 5
+    seqs = [engine.add_request(p, GenerationConfig(eos_token_id=-1, max_new_tokens=new)) for p in prompts]
+    plan = engine.scheduler.schedule()
+    assert [c.request_id for c in plan.prefill] == [s.request_id for s in seqs]
+    assert len(engine.runner.pack(plan.prefill)) == 1
+    logits = engine.runner.execute(plan)
+    for seq, want in zip(seqs, expected):
+        np.testing.assert_allclose(logits[seq.request_id], want, atol=ATOL, rtol=0)
+    for seq in seqs:                         # the plan was run outside step(): start them afresh
+        engine.abort(seq.request_id)
+    seqs = [engine.add_request(p, GenerationConfig(eos_token_id=-1, max_new_tokens=new)) for p in prompts]
+    replies = _run(engine, seqs)
+    for (case, row), reply in zip(cases, replies):
+        assert reply == list(_expected_new(ref, case)[row][:new])
+    for prompt, reply in zip(prompts[len(cases):], replies[len(cases):]):
+        alone = model.generate(prompt[None], max_new_tokens=new, eos_token_id=-1, use_past=False)[0, len(prompt):]
+        assert reply == list(alone)
+
+
 def test_after_warmup_mixed_lengths_budgets_and_batch_sizes_compile_nothing(small_engine_models):
     model = small_engine_models["chatglm2-tiny"]
     engine = model.engine

@@ -234,3 +234,24 @@ def test_missing_compiler_offers_the_portable_path(monkeypatch, tmp_path):
             build.library_path()
     finally:
         build.library_path.cache_clear()
+
+
+def test_the_6b_benchmark_writes_thudm_dirs_that_load_like_their_weights(tmp_path):
+    """tools/bench_6b.py's writer, at bench_generate's tiny sizes: its fp16 shards hold the random
+    weights in THUDM's names and dtype, and its int4 dir is those weights quantized THUDM's way
+    (the same logits as quantizing the fp16 dir on load)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import bench_6b
+    from bench_generate import iter_random_weights
+    from mindglm.checkpoint import thudm_name
+
+    report = bench_6b.write(str(tmp_path), "tiny", seed=4)
+    assert report["fp16"]["tensors"] == report["int4"]["tensors"] - 4 * 2   # + weight_scale per matrix
+    stored = {t.name: t.load() for t in list_tensors(str(tmp_path / "fp16"))}
+    config = bench_6b.model_config("tiny")
+    for name, array in iter_random_weights(config, 4):
+        np.testing.assert_array_equal(stored[thudm_name(name, "chatglm2")], array.astype(np.float16))
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, 9))
+    on_load = mindglm.load_model(str(tmp_path / "fp16"), quantize="int4").logits(ids)
+    np.testing.assert_array_equal(mindglm.load_model(str(tmp_path / "int4")).logits(ids), on_load)

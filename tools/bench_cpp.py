@@ -31,15 +31,9 @@ PAIRS = {
 }
 
 
-def write_ggml(path: str, config, weights: dict, ggml_type: str, tokenizer_model: str) -> None:
-    """A chatglm.cpp model file of `weights` (mindglm names) written by chatglm.cpp's converter."""
-    import torch
-    from chatglm_cpp import convert as cpp_convert
-    import sentencepiece
-
-    from mindglm.checkpoint import to_thudm
-
-    thudm_config = SimpleNamespace(
+def thudm_config(config):
+    """The attributes of THUDM's ChatGLM2 config that chatglm.cpp's converter reads."""
+    return SimpleNamespace(
         add_bias_linear=False, add_qkv_bias=True, apply_residual_connection_post_layernorm=False,
         kv_channels=config.kv_channels, num_attention_heads=config.num_attention_heads,
         hidden_size=config.hidden_size, multi_query_attention=True, original_rope=True, post_layer_norm=True,
@@ -47,11 +41,28 @@ def write_ggml(path: str, config, weights: dict, ggml_type: str, tokenizer_model
         num_layers=config.num_layers, ffn_hidden_size=config.ffn_hidden_size,
         layernorm_epsilon=config.layernorm_epsilon, pre_seq_len=None, rope_ratio=1, seq_length=config.seq_length,
         eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else -1, pad_token_id=config.pad_id)
+
+
+def thudm_state(weights: dict) -> dict:
+    """THUDM-named torch tensors of mindglm-named ChatGLM2 arrays."""
+    import torch
+    from mindglm.checkpoint import to_thudm
+
     state = {}
     for name, array in weights.items():
         for thudm, out in to_thudm(name, array, family="chatglm2"):
             state[thudm] = torch.from_numpy(np.ascontiguousarray(out))
-    model = SimpleNamespace(config=thudm_config, state_dict=lambda: state)
+    return state
+
+
+def write_ggml(path: str, config, state, ggml_type: str, tokenizer_model: str) -> None:
+    """A chatglm.cpp model file written by chatglm.cpp's own converter from `state`, a mapping of
+    THUDM names to torch tensors (its converter reads them one at a time, so the mapping may
+    load lazily)."""
+    from chatglm_cpp import convert as cpp_convert
+    import sentencepiece
+
+    model = SimpleNamespace(config=thudm_config(config), state_dict=lambda: state)
     sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
     tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(sp_model=sp))
     tmp = path + ".tmp"
@@ -131,7 +142,7 @@ def compare(config, weights: dict, formats: list, prompt: np.ndarray, new_tokens
             cpp_type = PAIRS[fmt][1]
             path = os.path.join(tmp, f"{cpp_type}.bin")
             if not os.path.exists(path):
-                write_ggml(path, config, weights, cpp_type, tokenizer_model)
+                write_ggml(path, config, thudm_state(weights), cpp_type, tokenizer_model)
             engines = {"mindglm": MindglmEngine(build_mindglm(config, weights, fmt)),
                        "chatglm_cpp": CppEngine(path, prompt.shape[1] + new_tokens + 8)}
             for engine in engines.values():  # warm-up: compiles mindglm's graphs

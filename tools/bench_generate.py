@@ -68,29 +68,24 @@ WINDOW = 28  # tokens per early/late window
 
 
 # ---------------------------------------------------------------------------------- weights
+def iter_random_weights(config, seed: int):
+    """(mindglm name, float32 array) for every tensor of `config`'s checkpoint, one at a time:
+    normal * 0.02 for matrices and biases, ones for norms. Tensor k is drawn from its own stream
+    (seed, k), so a model of any size is written without holding more than one tensor."""
+    from mindglm.checkpoint import expected_shapes
+
+    for k, (name, shape) in enumerate(expected_shapes(config).items()):
+        if "norm." in name:
+            yield name, np.ones(shape, np.float32)
+            continue
+        array = np.random.default_rng([seed, k]).standard_normal(shape, dtype=np.float32)
+        array *= np.float32(0.02)
+        yield name, array
+
+
 def random_weights(config, seed: int) -> dict:
-    """mindglm-named float32 arrays: normal * 0.02 for matrices and biases, ones for norms."""
-    rng = np.random.default_rng(seed)
-    hidden, ffn = config.hidden_size, config.ffn_hidden_size
-    qkv_rows = (config.num_attention_heads + 2 * config.multi_query_group_num) * config.kv_channels
-    q_size = config.num_attention_heads * config.kv_channels
-
-    def normal(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
-
-    weights = {"embedding.weight": normal(config.vocab_size, hidden)}
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        weights[p + "input_norm.weight"] = np.ones(hidden, np.float32)
-        weights[p + "attention.qkv.weight"] = normal(qkv_rows, hidden)
-        weights[p + "attention.qkv.bias"] = normal(qkv_rows)
-        weights[p + "attention.dense.weight"] = normal(hidden, q_size)
-        weights[p + "post_attention_norm.weight"] = np.ones(hidden, np.float32)
-        weights[p + "mlp.up.weight"] = normal(2 * ffn, hidden)
-        weights[p + "mlp.down.weight"] = normal(hidden, ffn)
-    weights["final_norm.weight"] = np.ones(hidden, np.float32)
-    weights["output.weight"] = normal(config.vocab_size, hidden)
-    return weights
+    """All of iter_random_weights as a dict (models that fit in memory)."""
+    return dict(iter_random_weights(config, seed))
 
 
 def build_mindglm(config, weights, fmt=None):

@@ -66,9 +66,9 @@ class PrefixAttention(nn.Cell):
         # THUDM drops out the prefix keys/values while training (get_prompt's Dropout).
         self.dropout = nn.Dropout(p=dropout) if dropout else None
 
-    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_slots=None):
         if slot_mapping is not None:  # the prefix already sits in slots [0, P) of every cache row
-            return self.attention(x, cos, sin, mask, slot_mapping, kv_rows)
+            return self.attention(x, cos, sin, mask, slot_mapping, kv_slots)
         q, k, v = self.attention.project(x, cos, sin)
         batch = x.shape[0]
         keys = ops.broadcast_to(self.prefix_key.astype(k.dtype).expand_dims(0), (batch,) + self.prefix_key.shape)

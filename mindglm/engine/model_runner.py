@@ -1,11 +1,14 @@
 """Model runners: turn a StepPlan into next-token logits, one row of logits per sampled sequence.
 
 `ModelRunner` owns the KV cache pool and the compiled graphs. Every call is one graph keyed by
-(rows, tokens, window) buckets: a prefill chunk is one row of `tokens` (padded to a token
-bucket), a decode step is every decoding row at once (padded to a row bucket), and the window
-is the smallest window bucket that holds the longest row after its write — it follows the rows'
-current lengths, not their budgets. `warmup()` compiles every reachable key once; after it no
-workload compiles anything more.
+(rows, tokens, window) buckets. A step's prefill chunks are packed into as few calls as they
+fit: one row of `tokens` (padded to a token bucket) holds several sequences' chunks back to
+back, each token's key/value goes to its own sequence's cache row, and each query sees only its
+own sequence's keys (the row's key axis lists every packed sequence's slots in turn, and
+query_first/query_last bound each query to its own). So eight short prompts cost one call over
+their real tokens, not eight calls each padded to a bucket. A decode step is every decoding row
+at once (padded to a row bucket). The window is the smallest window bucket that holds the keys
+read. `warmup()` compiles every reachable key once; after it no workload compiles anything more.
 
 `ReferenceRunner` is the exact path (use_past: false): no cache, every step runs the network
 over each sequence's whole history in PyNative.
@@ -23,6 +26,10 @@ from mindspore import Tensor, nn
 from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, shift_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
+from mindglm.models.layers import last_visible_key, mask_inputs
+
+# Most sequences one prefill call packs: its graph returns this many rows of logits.
+MAX_PACKED = 8
 
 
 def int_tensor(array) -> Tensor:
@@ -30,17 +37,17 @@ def int_tensor(array) -> Tensor:
 
 
 class CompiledStep(nn.Cell):
-    """The network with its KV cache behind one graph-compiled call (logits of each row's last real token)."""
+    """The network with its KV cache behind one graph-compiled call (logits of the tokens asked for)."""
 
     def __init__(self, network):
         super().__init__()
         self.network = network
 
     @ms.jit
-    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths, slot_mapping, kv_rows,
-                  last_index):
-        return self.network(input_ids, position_ids, key_valid, query_index, context_lengths, slot_mapping, kv_rows,
-                            last_index)
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
+                  logits_index):
+        return self.network(input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
+                            logits_index)
 
 
 class ModelRunner:
@@ -53,6 +60,7 @@ class ModelRunner:
         self.prefix = prefix_length(network)  # P-Tuning's prefix slots at the head of every row
         self.row_len = self.prefix + max_model_len
         self.scratch_row = self.rows          # padding tokens write here, never read
+        self.packed = min(self.rows, MAX_PACKED)
         chunk = min(engine_config.chunk_size, max_model_len)
         # GLM v1 prefills its (bidirectional) context whole, so its prompts need buckets up to the row.
         longest_prefill = max_model_len if config.family == "chatglm" else chunk
@@ -62,6 +70,9 @@ class ModelRunner:
             {b for b in config.prefill_buckets if b < max_model_len} | {max_model_len} | set(self.token_buckets))]
         self.row_buckets = powers_of_two_up_to(self.rows)
         self.chunk = chunk
+        self.prefill_keys = {(1, tokens, self._window_for(tokens)) for tokens in self.token_buckets}
+        if self.config.family != "chatglm":      # GLM v1 prefills in one chunk (see Scheduler)
+            self.prefill_keys |= {(1, chunk, window) for window in self.window_buckets}
         network.setup_caches(self.rows + 1, self.row_len)
         fill_prefix_slots(network)
         self.step = CompiledStep(network)
@@ -69,23 +80,34 @@ class ModelRunner:
         self.compiles = 0
 
     # ------------------------------------------------------------------ buckets
-    def prefill_shape(self, start: int, length: int) -> tuple:
-        """(token bucket, window) of a chunk of `length` tokens from `start`. A first chunk attends
-        to itself only; later chunks are padded to the chunk size, so they need one graph per
-        window and no more."""
-        if start == 0:
-            tokens = bucket_for(length, self.token_buckets)
-            return tokens, bucket_for(self.prefix + tokens, self.window_buckets)
-        return self.chunk, bucket_for(self.prefix + start + length, self.window_buckets)
+    def _window_for(self, tokens: int) -> int:
+        return bucket_for(self.prefix + tokens, self.window_buckets)
+
+    def logit_rows(self, rows: int, tokens: int) -> int:
+        """Rows of logits a graph returns: one per decoding row, `packed` for a prefill call."""
+        return rows if tokens == 1 else self.packed
+
+    def call_shape(self, chunks) -> "tuple | None":
+        """(tokens, window) of one prefill call packing `chunks`, or None if they do not fit one.
+
+        The call's tokens are the chunks' tokens back to back, its keys every chunk's sequence
+        from slot 0 to the chunk's end. Its graph is (1, token bucket, that bucket's window)
+        when the keys fit there (first chunks), else (1, chunk size, window of the keys) — a
+        later chunk reads its sequence's earlier slots too —, and only keys warmup() compiles."""
+        tokens = sum(len(c.token_ids) for c in chunks)
+        keys = sum(self.prefix + c.start + len(c.token_ids) for c in chunks)
+        if tokens > self.token_buckets[-1] or keys > self.window_buckets[-1]:
+            return None
+        bucket = bucket_for(tokens, self.token_buckets)
+        shape = (bucket, self._window_for(bucket)) if keys <= self._window_for(bucket) else \
+            (self.chunk, bucket_for(keys, self.window_buckets))
+        if (1,) + shape not in self.prefill_keys or len(chunks) > self.logit_rows(1, shape[0]):
+            return None
+        return shape
 
     def reachable_shapes(self) -> list:
         """Every (rows, tokens, window) key a workload can need, prefill and decode."""
-        keys = set()
-        for tokens in self.token_buckets:
-            keys.add((1,) + self.prefill_shape(0, tokens))
-        if self.config.family != "chatglm":      # GLM v1 prefills in one chunk (see Scheduler)
-            for window in self.window_buckets:
-                keys.add((1, self.chunk, window))
+        keys = set(self.prefill_keys)
         for rows in self.row_buckets:
             for window in self.window_buckets:
                 keys.add((rows, 1, window))
@@ -96,31 +118,52 @@ class ModelRunner:
         """Run a plan: {request_id: float32 logits [vocab]} for every chunk that ends its prompt
         and every decode row."""
         logits = {}
-        for chunk in plan.prefill:
-            row_logits = self._prefill(chunk)
-            if chunk.samples:
-                logits[chunk.request_id] = row_logits
+        for call in self.pack(plan.prefill):
+            logits.update(self._prefill(call))
         if plan.decode:
             for row, row_logits in zip(plan.decode, self._decode(plan.decode)):
                 logits[row.request_id] = row_logits
         return logits
 
-    def _prefill(self, chunk) -> np.ndarray:
-        length = len(chunk.token_ids)
-        tokens, window = self.prefill_shape(chunk.start, length)
-        channels = chunk.positions.shape[0]
+    def pack(self, chunks) -> list:
+        """The step's prefill chunks as calls, in order, each holding as many as fit (call_shape)."""
+        calls = []
+        for chunk in chunks:
+            if calls and self.call_shape(calls[-1] + [chunk]) is not None:
+                calls[-1].append(chunk)
+            else:
+                calls.append([chunk])
+        return calls
+
+    def _prefill(self, chunks) -> dict:
+        tokens, window = self.call_shape(chunks)
+        channels = chunks[0].positions.shape[0]
         ids = np.full((1, tokens), self.config.pad_id)
-        ids[0, :length] = chunk.token_ids
         positions = np.zeros((1, channels, tokens))
-        positions[0, :, :length] = chunk.positions
-        first, end = self.prefix + chunk.start, self.prefix + chunk.start + length   # slots of the chunk
-        key_valid = (np.arange(window) < end)[None]
-        query_index = np.full((1, tokens), end - 1)
-        query_index[0, :length] = np.arange(first, end)
         slots = self.scratch_row * self.row_len + np.arange(tokens)
-        slots[:length] = chunk.row * self.row_len + np.arange(first, end)
-        context = self.prefix + chunk.context_length
-        return self._run(ids, positions, key_valid, query_index, [context], slots, [chunk.row], [length - 1])[0]
+        kv_slots = self.scratch_row * self.row_len + np.arange(window)
+        query_first, query_last = np.zeros(tokens), np.zeros(tokens)
+        logits_index, sampled = np.zeros(self.logit_rows(1, tokens)), []
+        t = k = 0                                      # the next token and key of the call
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            first, end = self.prefix + chunk.start, self.prefix + chunk.start + n   # row slots written
+            row_slot = chunk.row * self.row_len
+            ids[0, t:t + n] = chunk.token_ids
+            positions[0, :, t:t + n] = chunk.positions
+            slots[t:t + n] = row_slot + np.arange(first, end)
+            kv_slots[k:k + end] = row_slot + np.arange(end)       # the sequence's keys: slots 0..end-1
+            query_first[t:t + n] = k
+            query_last[t:t + n] = k + last_visible_key(np.arange(first, end), self.prefix + chunk.context_length)
+            if chunk.samples:
+                logits_index[len(sampled)] = t + n - 1
+                sampled.append(chunk.request_id)
+            t, k = t + n, k + end
+        query_last[t:] = k - 1                         # padding queries: any real key (no empty softmax)
+        key_valid = np.arange(window) < k
+        out = self._run(ids, positions, key_valid[None], query_first[None], query_last[None], slots,
+                        kv_slots[None], logits_index)
+        return {request_id: out[i] for i, request_id in enumerate(sampled)}
 
     def _decode(self, decode_rows) -> np.ndarray:
         count = len(decode_rows)
@@ -130,27 +173,26 @@ class ModelRunner:
         ids = np.full((rows, 1), self.config.pad_id)
         positions = np.zeros((rows, channels, 1))
         key_valid = np.zeros((rows, window))
-        query_index = np.zeros((rows, 1))
-        context = np.zeros(rows)
+        query_last = np.zeros((rows, 1))
         slots = self.scratch_row * self.row_len + np.arange(rows)
-        kv_rows = np.full(rows, self.scratch_row)
+        kv_slots = np.full((rows, 1), self.scratch_row * self.row_len) + np.arange(window)
         for b, row in enumerate(decode_rows):
             slot = self.prefix + row.slot
             ids[b, 0] = row.token_id
             positions[b, :, 0] = row.position
             key_valid[b, : slot + 1] = 1
-            query_index[b, 0] = slot
-            context[b] = self.prefix + row.context_length
+            query_last[b, 0] = last_visible_key(slot, self.prefix + row.context_length)
             slots[b] = row.row * self.row_len + slot
-            kv_rows[b] = row.row
-        return self._run(ids, positions, key_valid, query_index, context, slots, kv_rows, np.zeros(rows))[:count]
+            kv_slots[b] = row.row * self.row_len + np.arange(window)
+        return self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots,
+                         np.arange(rows))[:count]
 
     def release(self, request_id: str) -> None:
         """Nothing to do: a freed row's stale slots are never admitted by the mask."""
 
     def _run(self, *arrays) -> np.ndarray:
         ids, key_valid = arrays[0], arrays[2]
-        key = (ids.shape[0], ids.shape[1], key_valid.shape[1])
+        key = (ids.shape[0], ids.shape[1], key_valid.shape[1])  # the logits' rows follow (logit_rows)
         if key not in self.signatures:
             self.signatures.add(key)
             self.compiles += 1
@@ -167,15 +209,17 @@ class ModelRunner:
         """Compile every reachable graph (on the scratch row, touching no sequence); returns how
         many were compiled now."""
         before = self.compiles
+        channels = 2 if self.config.family == "chatglm" else 1
+        scratch = self.scratch_row * self.row_len
         for rows, tokens, window in self.reachable_shapes():
             if (rows, tokens, window) in self.signatures:
                 continue
-            channels = 2 if self.config.family == "chatglm" else 1
             zeros = np.zeros
             self._run(np.full((rows, tokens), self.config.pad_id), zeros((rows, channels, tokens)),
-                      zeros((rows, window)), zeros((rows, tokens)), zeros(rows),
-                      self.scratch_row * self.row_len + np.arange(rows * tokens) % self.row_len,
-                      np.full(rows, self.scratch_row), zeros(rows))
+                      zeros((rows, window)), zeros((rows, tokens)), zeros((rows, tokens)),
+                      scratch + np.arange(rows * tokens) % self.row_len,
+                      scratch + np.arange(rows * window).reshape(rows, window) % self.row_len,
+                      zeros(self.logit_rows(rows, tokens)))
         return self.compiles - before
 
 
@@ -209,10 +253,10 @@ class ReferenceRunner:
     def _last_logits(self, request_id: str, context_length: int) -> np.ndarray:
         ids, positions = self.histories[request_id]
         length = len(ids)
-        key_valid, query_index, context = shift_mask_inputs(self.prefix, np.ones((1, length)),
-                                                            np.arange(length)[None], [context_length])
-        out = self.network(int_tensor([ids]), int_tensor(positions[None]), int_tensor(key_valid),
-                           int_tensor(query_index), int_tensor(context), None, None, int_tensor([length - 1]))
+        masks = mask_inputs(*shift_mask_inputs(self.prefix, np.ones((1, length)), np.arange(length)[None],
+                                               [context_length]))
+        out = self.network(int_tensor([ids]), int_tensor(positions[None]), *(int_tensor(a) for a in masks),
+                           None, None, int_tensor([length - 1]))
         return out.asnumpy()[0]
 
     def warmup(self) -> int:

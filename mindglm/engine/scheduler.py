@@ -108,8 +108,8 @@ class Scheduler:
             start, remaining = seq.num_computed, len(seq.prompt_ids) - seq.num_computed
             if start < seq.context_length:
                 # GLM v1's context is bidirectional: every query of it must see all of it, so it
-                # cannot be split; it goes alone, or first, in a step.
-                if budget < self.config.chunk_size:
+                # cannot be split; it waits for a step with room for it (or one of its own).
+                if remaining > budget and budget < self.config.chunk_size:
                     continue
                 length = remaining
             else:

@@ -37,9 +37,9 @@ class Block(nn.Cell):
             return x
         return x * self.residual_scale
 
-    def construct(self, h, cos, sin, mask, slot_mapping=None, kv_rows=None):
+    def construct(self, h, cos, sin, mask, slot_mapping=None, kv_slots=None):
         x = self.input_norm(h)
-        h = self._residual(h, x) + self.attention(x, cos, sin, mask, slot_mapping, kv_rows)
+        h = self._residual(h, x) + self.attention(x, cos, sin, mask, slot_mapping, kv_slots)
         x = self.post_attention_norm(h)
         return self._residual(h, x) + self.mlp(x)
 
@@ -72,14 +72,13 @@ class GLMTransformer(nn.Cell):
     Inputs (int32 Tensors, built on the host from a step plan or a prompt):
       input_ids [batch, seq]; position_ids [batch, channels, seq];
       key_valid [batch, keys] — which keys are real (keys = seq without a cache; with one, the
-      window of each row's cache slots attended to);
-      query_index [batch, seq] — each query's index on its row's key axis;
-      context_lengths [batch] — keys every query may see (GLM v1's bidirectional context), 0 for
-      ChatGLM2/3;
-      slot_mapping [batch * seq] and kv_rows [batch], or None — with a KV cache: the flat cache
-      slot each new token's key/value goes to, and the cache row each batch row attends to;
-      last_index [batch] or None — project only each row's token at that index to the
-      vocabulary (what generation needs), giving [batch, vocab]; None: every position.
+      cache slots each row attends to);
+      query_first, query_last [batch, seq] — the range of its row's keys each query sees
+      (layers.attention_mask; `mask_inputs` builds them for one sequence per row);
+      slot_mapping [batch * seq] and kv_slots [batch, keys], or None — with a KV cache: the flat
+      cache slot each new token's key/value goes to, and the cache slots each row's keys are;
+      logits_index [n] or None — project only these tokens (flat indices into batch * seq) to
+      the vocabulary (what generation needs), giving [n, vocab]; None: every position.
     """
 
     def __init__(self, config, blocks, final_norm, rotary_table: RotaryTable):
@@ -95,20 +94,19 @@ class GLMTransformer(nn.Cell):
         if not config.tie_word_embeddings:
             self.output = Linear(config.hidden_size, config.vocab_size, False, param_dtype, self.compute_dtype)
 
-    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths,
-                  slot_mapping=None, kv_rows=None, last_index=None):
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last,
+                  slot_mapping=None, kv_slots=None, logits_index=None):
         h = self.embedding(input_ids).astype(self.compute_dtype)
         cos, sin = self.rotary_table(position_ids)
-        mask = attention_mask(key_valid, query_index, context_lengths)
+        mask = attention_mask(key_valid, query_first, query_last)
         for block in self.layers:
-            h = block(h, cos, sin, mask, slot_mapping, kv_rows)
-        if last_index is not None:
+            h = block(h, cos, sin, mask, slot_mapping, kv_slots)
+        if logits_index is not None:
             batch, seq, hidden = h.shape
-            rows = ops.arange(batch, dtype=ms.int32) * seq + last_index.astype(ms.int32)
-            h = ops.gather(h.reshape(batch * seq, hidden), rows, 0).reshape(batch, 1, hidden)
+            h = ops.gather(h.reshape(batch * seq, hidden), logits_index.astype(ms.int32), 0).expand_dims(1)
         h = self.final_norm(h)
         logits = self.project(h)
-        return logits if last_index is None else logits.reshape(logits.shape[0], -1)
+        return logits if logits_index is None else logits.reshape(logits.shape[0], -1)
 
     def setup_caches(self, rows: int, max_len: int):
         """Attach a KVCache pool of `rows` rows x `max_len` slots to every attention layer.

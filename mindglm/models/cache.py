@@ -4,7 +4,7 @@ place inside the compiled graph.
 One layer's keys are a flat Parameter [rows * max_len, kv_heads, head_dim] (values alike): row r
 owns slots r*max_len .. r*max_len + max_len - 1. New keys are written at a per-token slot
 mapping with one in-place ScatterUpdate along the first axis, so rows that prefill, decode or
-idle share one call; attention then gathers each row's first `window` slots. Measured here (one
+idle share one call; attention then gathers the slots each batch row reads (`kv_slots`). Measured here (one
 layer, fp32): the write and the gather cost about what a single-batch cache did and stay flat as
 the pool grows, while a ScatterNdUpdate on a [batch, heads, slot, dim] layout copied the whole
 cache on every write (11.7 ms at 16k slots) and reading by reshaping the whole Parameter copied
@@ -33,14 +33,16 @@ class KVCache(nn.Cell):
         self.value = Parameter(initializer("zeros", shape, dtype), name=f"{name}.value", requires_grad=False)
         self.scatter = ops.ScatterUpdate()
 
-    def update(self, k, v, slot_mapping, kv_rows, window: int):
+    def update(self, k, v, slot_mapping, kv_slots):
         """Write k, v [batch, seq, kv_heads, head_dim] at `slot_mapping` [batch * seq] (flat slot
-        of every token), then return the first `window` slots of each row in `kv_rows` [batch]
-        as [batch, kv_heads, window, head_dim]."""
+        of every token), then read the slots `kv_slots` [batch, keys] names for each row (its
+        cache row's first slots, or for a row packing several sequences each one's slots in
+        turn) as [batch, kv_heads, keys, head_dim]."""
         batch, seq, heads, dim = k.shape
+        keys_per_row = kv_slots.shape[1]
         written_k = self.scatter(self.key, slot_mapping, k.reshape(batch * seq, heads, dim).astype(self.key.dtype))
         written_v = self.scatter(self.value, slot_mapping, v.reshape(batch * seq, heads, dim).astype(self.value.dtype))
-        slots = (kv_rows.reshape(-1, 1) * self.max_len + ops.arange(window, dtype=ms.int32).reshape(1, -1)).reshape(-1)
-        keys = ops.gather(ops.depend(self.key, written_k), slots, 0).reshape(batch, window, heads, dim)
-        values = ops.gather(ops.depend(self.value, written_v), slots, 0).reshape(batch, window, heads, dim)
+        slots = kv_slots.reshape(-1)
+        keys = ops.gather(ops.depend(self.key, written_k), slots, 0).reshape(batch, keys_per_row, heads, dim)
+        values = ops.gather(ops.depend(self.value, written_v), slots, 0).reshape(batch, keys_per_row, heads, dim)
         return keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)

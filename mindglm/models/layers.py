@@ -176,19 +176,35 @@ class Rotary(nn.Cell):
 
 
 # ---------------------------------------------------------------------------------- attention
-def attention_mask(key_valid, query_index, context_lengths):
+def attention_mask(key_valid, query_first, query_last):
     """Boolean [batch, 1, queries, keys]: may query s of row b attend to key k?
 
-    key_valid [batch, keys] marks real (written, non-padding) keys; query_index [batch, queries]
-    is each query's index on its row's key axis (causal: keys at or before it); context_lengths
-    [batch] lets every query see keys < context_length (GLM v1's bidirectional context; 0
-    elsewhere).
+    key_valid [batch, keys] marks real (written, non-padding) keys; query s sees the keys
+    query_first[b, s] .. query_last[b, s] of its row's key axis. Causal attention is
+    query_last = the query's own index (`last_visible_key` adds GLM v1's bidirectional context);
+    query_first > 0 lets one row hold several sequences, each query seeing its own only.
     """
     key_index = ops.arange(key_valid.shape[1], dtype=ms.int32).reshape(1, 1, -1)
-    causal = key_index <= query_index.astype(ms.int32).expand_dims(-1)
-    in_context = key_index < context_lengths.astype(ms.int32).reshape(-1, 1, 1)
-    allowed = ops.logical_and(ops.logical_or(causal, in_context), key_valid.astype(ms.bool_).expand_dims(1))
+    in_range = ops.logical_and(key_index >= query_first.astype(ms.int32).expand_dims(-1),
+                               key_index <= query_last.astype(ms.int32).expand_dims(-1))
+    allowed = ops.logical_and(in_range, key_valid.astype(ms.bool_).expand_dims(1))
     return allowed.expand_dims(1)
+
+
+def last_visible_key(query_index, context_length) -> np.ndarray:
+    """The last key each query may see (numpy): the query itself, or for a query inside GLM v1's
+    bidirectional context (keys < context_length; 0 for ChatGLM2/3) the context's last key.
+    query_index [..., queries] is on the key axis; context_length has its leading shape."""
+    query_index, context_length = np.asarray(query_index), np.asarray(context_length)
+    if context_length.ndim:
+        context_length = context_length[..., None]
+    return np.maximum(query_index, context_length - 1)
+
+
+def mask_inputs(key_valid, query_index, context_lengths) -> tuple:
+    """(key_valid, query_first, query_last) of a batch with one sequence per row."""
+    query_last = last_visible_key(query_index, context_lengths)
+    return np.asarray(key_valid), np.zeros_like(query_last), query_last
 
 
 class DotProductAttention(nn.Cell):
@@ -281,8 +297,8 @@ class SelfAttention(nn.Cell):
 
     The qkv weight rows are [q of all heads | k of all kv heads | v of all kv heads]; GLM v1's
     per-head interleaved rows are regrouped at conversion so both families share this Cell.
-    Given `slot_mapping` and `kv_rows`, new keys/values are written at their slots in the
-    attached KVCache and attention runs over each row's cache window (as wide as the mask);
+    Given `slot_mapping` and `kv_slots`, new keys/values are written at their slots in the
+    attached KVCache and attention runs over the cache slots `kv_slots` names for each row;
     otherwise over the current chunk alone.
     """
 
@@ -319,10 +335,10 @@ class SelfAttention(nn.Cell):
         out = self.core(q, k, v, mask)
         return self.dense(out.transpose(0, 2, 1, 3).reshape(batch, seq, self.q_size))
 
-    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_rows=None):
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_slots=None):
         q, k, v = self.project(x, cos, sin)
         if slot_mapping is not None:
-            k, v = self.cache.update(k, v, slot_mapping, kv_rows, mask.shape[-1])
+            k, v = self.cache.update(k, v, slot_mapping, kv_slots)
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return self.attend(q, k, v, mask)

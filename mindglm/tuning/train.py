@@ -17,6 +17,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindglm.adapters.prefix import prefix_length, shift_mask_inputs
+from mindglm.models.layers import mask_inputs
 from mindglm.models import family_module
 from mindglm.tuning.data import IGNORE
 
@@ -45,9 +46,9 @@ def collate(examples, config, pad_to: Optional[int] = None) -> dict:
 
 def network_inputs(batch: dict, prefix: int) -> list:
     """The network's int32 tensors for a collated batch, the mask on the [prefix | tokens] key axis."""
-    key_valid, query_index, context = shift_mask_inputs(prefix, batch["key_valid"], batch["query_index"],
-                                                        batch["context_lengths"])
-    arrays = (batch["input_ids"], batch["position_ids"], key_valid, query_index, context)
+    masks = mask_inputs(*shift_mask_inputs(prefix, batch["key_valid"], batch["query_index"],
+                                           batch["context_lengths"]))
+    arrays = (batch["input_ids"], batch["position_ids"]) + masks
     return [Tensor(np.ascontiguousarray(a, np.int32)) for a in arrays]
 
 
@@ -71,8 +72,8 @@ class LossNetwork(nn.Cell):
         super().__init__()
         self.network = network
 
-    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths, labels):
-        logits = self.network(input_ids, position_ids, key_valid, query_index, context_lengths)
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, labels):
+        logits = self.network(input_ids, position_ids, key_valid, query_first, query_last)
         return cross_entropy(logits, labels)
 
 
@@ -89,10 +90,10 @@ class GradStep(nn.Cell):
         self.grad = ops.GradOperation(get_by_list=True)
 
     @ms.jit
-    def construct(self, input_ids, position_ids, key_valid, query_index, context_lengths, labels):
-        loss = self.loss_network(input_ids, position_ids, key_valid, query_index, context_lengths, labels)
-        grads = self.grad(self.loss_network, self.weights)(input_ids, position_ids, key_valid, query_index,
-                                                           context_lengths, labels)
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, labels):
+        loss = self.loss_network(input_ids, position_ids, key_valid, query_first, query_last, labels)
+        grads = self.grad(self.loss_network, self.weights)(input_ids, position_ids, key_valid, query_first,
+                                                           query_last, labels)
         return loss, grads
 
 
