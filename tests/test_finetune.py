@@ -1,5 +1,5 @@
 """tools/finetune.py on the tiny ChatGLM3 e2e model: checkpoints that load with --adapter,
-an exact resume, and --merge."""
+an exact resume (with dropout, and P-Tuning through THUDM's projection MLP), and --merge."""
 import json
 import os
 import shutil
@@ -26,9 +26,10 @@ def _config(tmp_path, method, **train):
     settings = {"output_dir": str(tmp_path / "out"), "max_steps": 4, "save_steps": 2, "learning_rate": 5e-2,
                 "lr_scheduler_type": "linear", "warmup_steps": 1, "eval_steps": 2, "seed": 1}
     settings.update(train)
-    config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "target_modules":
-                                                        ["query_key_value", "dense_h_to_4h"]},
-              "ptuning": {"pre_seq_len": 2}, "data": {"train_file": str(data), "validation_file": str(data)},
+    # dropout on: a resume must regenerate the masks the uninterrupted run drew
+    config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1,
+                                                        "target_modules": ["query_key_value", "dense_h_to_4h"]},
+              "ptuning": {"pre_seq_len": 2, "prefix_dropout": 0.1, "prefix_projection": True}, "data": {"train_file": str(data), "validation_file": str(data)},
               "train": settings}
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")

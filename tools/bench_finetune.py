@@ -4,8 +4,8 @@
 
 Same random weights (tools/bench_generate.py), same tokens; LoRA r=8 on the attention output,
 the fused gate/up and the down projection (GlmForCausalLM splits qkv, so qkv is left out on both
-sides); P-Tuning: pre_seq_len 16, no projection (torch has no THUDM prefix path on
-GlmForCausalLM to compare). Each variant runs in its own process, so its peak RSS is its own.
+sides); P-Tuning: pre_seq_len 16, without and with THUDM's projection MLP (torch has no THUDM
+prefix path on GlmForCausalLM to compare). Each variant runs in its own process, so its peak RSS is its own.
 Prints one JSON object: tokens/s (after one warm-up step) and peak RSS MiB per variant.
 """
 from __future__ import annotations
@@ -42,13 +42,14 @@ def run_mindglm(method, config_name, args, queue):
     config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
     model = build_mindglm(config, random_weights(config, 0))
     network = getattr(model, "network", model)
+    encoder = None
     if method == "lora":
         add_lora(network, config, TARGETS, 8, 16)
-    else:
-        add_prefix(network, config, 16)
+    else:   # as tools/finetune.py trains it: the prefix encoder, through its output
+        encoder = add_prefix(network, config, 16, projection=method == "ptuning-projection")
     ids = _tokens(config, args)
     batch = collate([Example(list(row), [-100] + list(row[1:]), 1) for row in ids], config)
-    trainer = Trainer(network, config, OptimConfig(learning_rate=1e-4), args.steps + 1)
+    trainer = Trainer(network, config, OptimConfig(learning_rate=1e-4), args.steps + 1, prefix_encoder=encoder)
     trainer.train_step([batch])                      # compile
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
               "load": os.getloadavg()[0]}
     report["mindglm_lora"] = measure(run_mindglm, "lora", args.config, args)
     report["mindglm_ptuning"] = measure(run_mindglm, "ptuning", args.config, args)
+    report["mindglm_ptuning_projection"] = measure(run_mindglm, "ptuning-projection", args.config, args)
     if not args.no_torch:
         report["torch_peft_lora"] = measure(run_torch, "lora", args.config, args)
         report["lora_speed_ratio"] = report["mindglm_lora"]["tokens_per_s"] / report["torch_peft_lora"]["tokens_per_s"]

@@ -3,7 +3,7 @@
     model: ../glm2/chatglm2_6b.yaml     # a run config (checkpoint, tokenizer); relative to this file
     method: lora                        # lora | ptuning
     lora: {r: 8, lora_alpha: 32, lora_dropout: 0.1, target_modules: [query_key_value]}
-    ptuning: {pre_seq_len: 128, prefix_dropout: 0.0}
+    ptuning: {pre_seq_len: 128, prefix_dropout: 0.0, prefix_projection: false}
     data: {train_file: train.json, validation_file: dev.json, prompt_column: content, ...}
     train: {output_dir: output/lora, max_steps: 3000, per_device_train_batch_size: 1, ...}
 
@@ -34,6 +34,7 @@ class LoRASettings:
 class PTuningSettings:
     pre_seq_len: int = 128
     prefix_dropout: float = 0.0
+    prefix_projection: bool = False     # THUDM's 2-layer MLP over the prefix embedding
 
 
 @dataclasses.dataclass
@@ -71,9 +72,14 @@ def _section(cls, values, name, source):
             raise ConfigError(f"{source}: unknown key '{name}.{key}'; known: {', '.join(sorted(known | extra))}")
     fields = {k: v for k, v in values.items() if k in known}
     for f in dataclasses.fields(cls):
-        if f.name in fields and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-            if not isinstance(fields[f.name], (int, float)) or isinstance(fields[f.name], bool):
-                raise ConfigError(f"{source}: key '{name}.{f.name}' must be a number, got {fields[f.name]!r}")
+        if f.name not in fields:
+            continue
+        value = fields[f.name]
+        if isinstance(f.default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{name}.{f.name}' must be true or false, got {value!r}")
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{source}: key '{name}.{f.name}' must be a number, got {value!r}")
     return cls(**fields)
 
 
