@@ -75,6 +75,11 @@ def test_finetune_config_errors_are_one_line(tmp_path, capsys):
     assert "unknown key 'train.max_stepz'" in capsys.readouterr().err
     assert finetune.main(["--config", config, "--set", "lora.target_modules=[nope]"]) == 2
     assert "'nope' matches no layer" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "train.loss_scale_value=1024", "--set",
+                          "train.loss_scale_factor=1.5"]) == 2
+    assert "an integer loss_scale_factor >= 2" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "ptuning.prefix_projection=3"]) == 2
+    assert "'ptuning.prefix_projection' must be true or false" in capsys.readouterr().err
 
 
 def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):

@@ -112,6 +112,13 @@ def load_finetune_config(path: str, overrides: Iterable[str] = ()) -> FinetuneCo
 
     def resolve(p):
         return None if p is None else os.path.join(base, os.path.expanduser(p))
-    sections["train"].output_dir = resolve(sections["train"].output_dir)
+    train = sections["train"]
+    if train.loss_scale_value and not (train.loss_scale_value >= 1 and isinstance(train.loss_scale_factor, int)
+                                       and train.loss_scale_factor >= 2 and isinstance(train.loss_scale_window, int)
+                                       and train.loss_scale_window >= 1):
+        raise ConfigError(f"{path}: loss scaling needs train.loss_scale_value >= 1 (or 0: off), an integer "
+                          f"loss_scale_factor >= 2 and an integer loss_scale_window >= 1; got "
+                          f"{train.loss_scale_value}, {train.loss_scale_factor}, {train.loss_scale_window}")
+    train.output_dir = resolve(train.output_dir)
     return FinetuneConfig(model=resolve(raw["model"]), method=method, train_file=resolve(data["train_file"]),
                           validation_file=resolve(data.get("validation_file")), **sections)
