@@ -175,7 +175,8 @@ def encoder_gradients(encoder: PrefixEncoder, leaf_grads: list) -> list:
 def prefix_encoder_of(network) -> PrefixEncoder:
     """THUDM's (projection-free) PrefixEncoder holding a network's current prefixes."""
     wrappers = prefix_cells(network)
-    layers = np.stack([np.stack([w.prefix_key.asnumpy(), w.prefix_value.asnumpy()], 1) for w in wrappers], 1)
+    layers = np.stack([np.stack([w.prefix_key.astype(ms.float32).asnumpy(), w.prefix_value.astype(ms.float32).asnumpy()],
+                                1) for w in wrappers], 1)
     rows = layers.reshape(layers.shape[0], -1).astype(np.float32)      # [P, layers * 2 * kv * d]
     encoder = PrefixEncoder(rows.shape[0], rows.shape[1], rows.shape[1])
     encoder.embedding.weight.set_data(Tensor(rows))

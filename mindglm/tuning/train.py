@@ -1,10 +1,12 @@
 """The train step: batches, the language-model loss, gradients over the adapter only, AdamW.
 
-Gradients come from MindSpore's `value_and_grad` over `network.trainable_params()` — the
-adapter's parameters (LoRA A/B, P-Tuning prefixes); every base weight has requires_grad=False.
-The optimizer runs on the host in float32 numpy: adapters are small, and torch's AdamW,
-schedules, clipping and accumulation are then a few exact lines each, and its state is plain
-arrays that a checkpoint can hold and a resume restores bit for bit.
+Gradients come from MindSpore's autograd over `network.trainable_params()` — the adapter's
+parameters (LoRA A/B, P-Tuning prefixes); every base weight has requires_grad=False. P-Tuning
+trains THUDM's PrefixEncoder through the prefixes it outputs (the chain rule, once per step).
+The loss scale (fp16/bf16) seeds the backward pass; mindspore.amp's DynamicLossScaler unscales,
+checks and adjusts. The optimizer runs on the host in float32 numpy: adapters are small, and
+torch's AdamW, schedules, clipping and accumulation are then a few exact lines each, and its
+state is plain arrays that a checkpoint can hold and a resume restores bit for bit.
 """
 from __future__ import annotations
 
@@ -211,7 +213,7 @@ class Trainer:
         self.step = 0
 
     def _micro_step(self, batch: dict) -> tuple:
-        """(loss, unscaled leaf gradients as Tensors, whether they are all finite) of one micro-batch."""
+        """(loss, unscaled float32 leaf gradients, whether they are all finite) of one micro-batch."""
         inputs = network_inputs(batch, prefix_length(self.network))
         scale = Tensor(1.0 if self.scaler is None else float(self.scaler.scale_value.asnumpy()), ms.float32)
         loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)), scale)
@@ -219,7 +221,8 @@ class Trainer:
         if self.scaler is not None:
             grads = self.scaler.unscale(grads)
             finite = bool(ms.amp.all_finite(grads).asnumpy())
-        return float(loss.asnumpy()), grads, finite
+        # float32 on the device first: numpy has no bfloat16
+        return float(loss.asnumpy()), [g.astype(ms.float32).asnumpy() for g in grads], finite
 
     def _param_grads(self, leaf_grads: list) -> dict:
         """{name: float32 grad} of the optimized parameters from the leaves' (numpy) gradients."""
@@ -230,7 +233,7 @@ class Trainer:
     def loss_and_grads(self, batch: dict) -> tuple:
         """(loss, {name: float32 grad}) of one micro-batch."""
         loss, grads, _ = self._micro_step(batch)
-        return loss, self._param_grads([g.asnumpy().astype(np.float32) for g in grads])
+        return loss, self._param_grads(grads)
 
     def _draw_masks(self, batch: dict, micro: int) -> None:
         if not self.dropouts:
@@ -254,7 +257,6 @@ class Trainer:
             tokens += int(batch["key_valid"].sum())
             finite = finite and ok
             if finite:
-                grads = [g.asnumpy().astype(np.float32) for g in grads]
                 total = grads if total is None else [t + g for t, g in zip(total, grads)]
         self.network.set_train(False)
         if self.scaler is not None:
@@ -268,7 +270,7 @@ class Trainer:
         scale = np.float32(1.0 / len(micro_batches))
         total = self._param_grads([g * scale for g in total])
         result["grad_norm"] = clip_by_global_norm(total, self.optim.max_grad_norm)
-        values = {n: p.asnumpy().astype(np.float32) for n, p in zip(self.names, self.params)}
+        values = {n: p.astype(ms.float32).asnumpy() for n, p in zip(self.names, self.params)}
         self.adamw.update(values, total, lr)
         for n, p in zip(self.names, self.params):
             ops.assign(p, Tensor(values[n], p.dtype))
