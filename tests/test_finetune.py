@@ -24,7 +24,8 @@ def _config(tmp_path, method, **train):
     data = tmp_path / "train.json"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN), encoding="utf-8")
     settings = {"output_dir": str(tmp_path / "out"), "max_steps": 4, "save_steps": 2, "learning_rate": 5e-2,
-                "lr_scheduler_type": "linear", "warmup_steps": 1, "eval_steps": 2, "seed": 1}
+                "lr_scheduler_type": "linear", "warmup_steps": 1, "eval_steps": 2, "seed": 1,
+                "loss_scale_value": 1024, "loss_scale_window": 3}   # the scale grows at step 3: state to restore
     settings.update(train)
     # dropout on: a resume must regenerate the masks the uninterrupted run drew
     config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1,
@@ -49,12 +50,19 @@ def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, meth
     assert full[-1]["loss"] < full[0]["loss"]
     out = tmp_path / "out"
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    # interrupted after step 2: resume gives the uninterrupted curve
+    with np.load(out / "checkpoint-4" / "trainer_state.npz") as state:
+        uninterrupted = dict(state)
+    assert uninterrupted["loss_scale"] == 2048 and uninterrupted["loss_scale_counter"] == 1
+    # interrupted after step 2: resume gives the uninterrupted curve and end state
     shutil.rmtree(out / "checkpoint-4")
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
     assert finetune.main(["--config", config, "--resume"]) == 0
     resumed = _log(tmp_path)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    with np.load(out / "checkpoint-4" / "trainer_state.npz") as state:
+        assert sorted(state) == sorted(uninterrupted)
+        for key in state:
+            np.testing.assert_array_equal(state[key], uninterrupted[key], err_msg=key)
     # the checkpoint is an adapter: it changes the base model's logits
     adapter = str(out / "checkpoint-4" / "adapter")
     ids = np.array([[64790, 64792, 64795, 30910, 13, 36474, 64796]])

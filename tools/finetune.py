@@ -5,7 +5,7 @@
     python tools/finetune.py --config ... --merge OUT.ckpt --adapter DIR [--to-hf]
 
 Checkpoints `output_dir/checkpoint-N/` hold the adapter (LoRA: peft's format; P-Tuning: THUDM's),
-loadable with `--adapter`, plus `trainer_state.npz` (optimizer moments, step, data order seed):
+loadable with `--adapter`, plus `trainer_state.npz` (optimizer moments, step, loss scale):
 `--resume` continues exactly. Ctrl-C saves a checkpoint after the current step and exits.
 The data order is a function of (seed, epoch) only, so the step number is the data position,
 and dropout masks are drawn from (seed, step, micro-batch): a resumed run equals an uninterrupted one.
