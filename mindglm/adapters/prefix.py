@@ -162,14 +162,25 @@ def prefix_leaves(network) -> list:
     return [p for cell in prefix_cells(network) for p in (cell.prefix_key, cell.prefix_value)]
 
 
-def encoder_gradients(encoder: PrefixEncoder, leaf_grads: list) -> list:
-    """Chain rule through the encoder: the gradients of its parameters (parameters_and_names
-    order) from the gradients of the per-layer prefixes it produces (prefix_leaves order)."""
-    pairs = [np.stack(leaf_grads[i:i + 2], 1) for i in range(0, len(leaf_grads), 2)]  # [P, 2, kv, d] each
-    rows = np.stack(pairs, 1).reshape(encoder.pre_seq_len, encoder.output_size).astype(np.float32)
-    weights = ms.ParameterTuple([p for _, p in encoder.parameters_and_names()])
-    grads = ops.GradOperation(get_by_list=True, sens_param=True)(encoder, weights)(Tensor(rows))
-    return [g.asnumpy().astype(np.float32) for g in grads]
+class EncoderGradients(nn.Cell):
+    """The chain rule through a PrefixEncoder, graph-compiled once: its parameters' gradients
+    (parameters_and_names order) from those of the per-layer prefixes it outputs (prefix_leaves order)."""
+
+    def __init__(self, encoder: PrefixEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.weights = ms.ParameterTuple([p for _, p in encoder.parameters_and_names()])
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    @ms.jit
+    def construct(self, rows_grad):
+        return self.grad(self.encoder, self.weights)(rows_grad)
+
+    def of(self, leaf_grads: list) -> list:
+        """float32 numpy gradients of the encoder's parameters from the leaves' numpy gradients."""
+        pairs = [np.stack(leaf_grads[i:i + 2], 1) for i in range(0, len(leaf_grads), 2)]  # [P, 2, kv, d] each
+        rows = np.stack(pairs, 1).reshape(self.encoder.pre_seq_len, self.encoder.output_size)
+        return [g.asnumpy().astype(np.float32) for g in self(Tensor(rows.astype(np.float32)))]
 
 
 def prefix_encoder_of(network) -> PrefixEncoder:

@@ -19,7 +19,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindglm.adapters.dropout import dropout_cells, draw_dropout_masks
-from mindglm.adapters.prefix import (encoder_gradients, prefix_leaves, prefix_length, shift_mask_inputs,
+from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_length, shift_mask_inputs,
                                      write_prefixes)
 from mindglm.models import family_module
 from mindglm.tuning.data import IGNORE
@@ -187,7 +187,7 @@ class Trainer:
 
     The optimizer trains the network's trainable parameters, or, given `prefix_encoder`, the
     encoder whose output the network's per-layer prefixes are (add_prefix): their gradients are
-    carried through it (`encoder_gradients`) and its new output written back after each update.
+    carried through it (`EncoderGradients`) and its new output written back after each update.
     Dropout masks are drawn from (seed, step, micro-batch), so a resumed run repeats them."""
 
     def __init__(self, network, config, optim: OptimConfig, total_steps: int, prefix_encoder=None, seed: int = 0):
@@ -201,6 +201,7 @@ class Trainer:
             self.names, self.params = [p.name for p in self.leaves], self.leaves
         else:
             self.names, self.params = map(list, zip(*prefix_encoder.parameters_and_names()))
+            self.encoder_gradients = EncoderGradients(prefix_encoder)
         self.loss_network = LossNetwork(network)
         self.grad_fn = GradStep(self.loss_network, self.leaves)
         self.adamw = AdamW(self.names, optim)
@@ -227,7 +228,7 @@ class Trainer:
     def _param_grads(self, leaf_grads: list) -> dict:
         """{name: float32 grad} of the optimized parameters from the leaves' (numpy) gradients."""
         if self.encoder is not None:
-            leaf_grads = encoder_gradients(self.encoder, leaf_grads)
+            leaf_grads = self.encoder_gradients.of(leaf_grads)
         return dict(zip(self.names, leaf_grads))
 
     def loss_and_grads(self, batch: dict) -> tuple:
