@@ -221,6 +221,41 @@ def test_loss_scaling_skips_overflow_and_otherwise_equals_fp32():
     assert state["loss_scale"] == 2.0 ** 11 and state["loss_scale_counter"] == 0
 
 
+def test_float16_compute_with_loss_scaling():
+    """The Ascend path run for real in float16 on CPU (tiny model): a scale of 2**24 overflows
+    float16, the step is skipped and the scale halved; at 2**10 the unscaled float16 gradients
+    are the float32 model's to float16 precision."""
+    from mindglm.pipeline import load_run_model
+    from mindglm.yaml_config import load_run_config
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny",
+                        "chatglm3_e2e.yaml")
+    models = [load_run_model(load_run_config(base, [("model.model_config.compute_dtype", dtype)]))
+              for dtype in ("float16", "float32")]
+    for model in models:
+        add_lora(model.network, model.config, ["query_key_value", "dense_4h_to_h"], 2, 4, seed=1)
+        rng = np.random.default_rng(2)
+        for _, cell in model.network.cells_and_names():
+            if isinstance(cell, LoRALinear):
+                cell.lora_b.set_data(Tensor(rng.normal(0, 0.1, cell.lora_b.shape).astype(np.float32)))
+    half, full = models
+    ids = [64790, 64792, 64795, 30910, 13, 36474, 64796, 30910, 13, 36474, 2]
+    batch = collate([Example(ids, [-100] * 6 + ids[6:], 1)], half.config)
+    trainer = Trainer(half.network, half.config, OptimConfig(loss_scale_value=2.0 ** 24), 10)
+    start = [p.asnumpy().copy() for p in trainer.params]
+    assert trainer.train_step([batch])["skipped"]
+    assert float(trainer.scaler.scale_value.asnumpy()) == 2.0 ** 23
+    for p, v in zip(trainer.params, start):
+        np.testing.assert_array_equal(p.asnumpy(), v)
+    from mindspore import ops
+    ops.assign(trainer.scaler.scale_value, Tensor(np.float32(2.0 ** 10)))
+    loss, grads = trainer.loss_and_grads(batch)
+    reference_loss, reference = Trainer(full.network, full.config, OptimConfig(), 10).loss_and_grads(batch)
+    assert abs(loss - reference_loss) < 1e-2
+    for name, value in reference.items():
+        # float16 rounding: ~2e-3 of the largest gradient measured
+        np.testing.assert_allclose(grads[name], value, atol=1e-2 * np.abs(value).max(), rtol=0, err_msg=name)
+
+
 def test_lora_dropout_masks_come_from_seed_and_step():
     """In training the LoRA branch sees x * mask with mask drawn from (seed, step, micro-batch)
     as torch's dropout scales it (keep / (1 - p)); in eval mode no mask."""
