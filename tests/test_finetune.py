@@ -42,7 +42,7 @@ def _log(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning"])
-def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, method):
+def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, method, capsys):
     config = _config(tmp_path, method)
     assert finetune.main(["--config", config]) == 0
     full = _log(tmp_path)
@@ -63,6 +63,10 @@ def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, meth
         assert sorted(state) == sorted(uninterrupted)
         for key in state:
             np.testing.assert_array_equal(state[key], uninterrupted[key], err_msg=key)
+    # resuming under other adapter settings: one clear error
+    other = "lora.r=3" if method == "lora" else "ptuning.prefix_projection=false"
+    assert finetune.main(["--config", config, "--resume", "--set", other]) == 2
+    assert "does not fit this run's" in capsys.readouterr().err
     # the checkpoint is an adapter: it changes the base model's logits
     adapter = str(out / "checkpoint-4" / "adapter")
     ids = np.array([[64790, 64792, 64795, 30910, 13, 36474, 64796]])

@@ -99,19 +99,25 @@ def latest_checkpoint(output_dir: str):
 def restore(path: str, model, trainer, method: str) -> None:
     """Adapter values and trainer state of checkpoint `path` back into a fresh model and trainer."""
     from mindspore import Tensor, ops
-    from mindglm.adapters.lora import read_lora_pairs
+    from mindglm.adapters.lora import LoRALinear, read_lora_pairs
     from mindglm.adapters.ptuning import prefix_encoder_from
     from mindglm.adapters.prefix import write_prefixes
     adapter = os.path.join(path, "adapter")
     if method == "lora":
-        cells = dict(model.network.cells_and_names())
-        for target, (a, b) in read_lora_pairs(adapter, model.config).items():
-            ops.assign(cells[target].lora_a, Tensor(a))
-            ops.assign(cells[target].lora_b, Tensor(b))
+        cells = {p: c for p, c in model.network.cells_and_names() if isinstance(c, LoRALinear)}
+        saved = {f"{target}.{ab}": array for target, pair in read_lora_pairs(adapter, model.config).items()
+                 for ab, array in zip(("lora_a", "lora_b"), pair)}
+        params = {f"{target}.{ab}": getattr(cell, ab) for target, cell in cells.items() for ab in ("lora_a", "lora_b")}
     else:
-        saved = dict(prefix_encoder_from(adapter, model.config).parameters_and_names())
-        for name, param in trainer.encoder.parameters_and_names():
-            ops.assign(param, saved[name].value())
+        saved = {n: p.asnumpy() for n, p in prefix_encoder_from(adapter, model.config).parameters_and_names()}
+        params = dict(trainer.encoder.parameters_and_names())
+    misfits = sorted(set(saved) ^ set(params)) or [n for n in params if saved[n].shape != tuple(params[n].shape)]
+    if misfits:
+        raise ConfigError(f"--resume: {adapter} does not fit this run's {method} settings ('{misfits[0]}' is "
+                          "missing or shaped otherwise); resume with the settings the checkpoint was trained with")
+    for name, param in params.items():
+        ops.assign(param, Tensor(saved[name], param.dtype))
+    if method != "lora":
         write_prefixes(model.network, trainer.encoder)
     with np.load(os.path.join(path, "trainer_state.npz")) as state:
         trainer.load_state(state)
