@@ -30,8 +30,8 @@ def _config(tmp_path, method, **train):
     # dropout on: a resume must regenerate the masks the uninterrupted run drew
     config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1,
                                                         "target_modules": ["query_key_value", "dense_h_to_4h"]},
-              "ptuning": {"pre_seq_len": 2, "prefix_dropout": 0.1, "prefix_projection": True}, "data": {"train_file": str(data), "validation_file": str(data)},
-              "train": settings}
+              "ptuning": {"pre_seq_len": 2, "prefix_dropout": 0.1, "prefix_projection": True},
+              "data": {"train_file": str(data), "validation_file": str(data)}, "train": settings}
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     return str(path)

@@ -11,7 +11,7 @@ from mindspore import Tensor
 import mindglm
 from mindglm.adapters import LoRALinear
 from mindglm.adapters.lora import add_lora
-from mindglm.adapters.prefix import add_prefix, prefix_encoder_of, write_prefixes
+from mindglm.adapters.prefix import add_prefix, write_prefixes
 from mindglm.adapters.save import save_lora, save_ptuning
 from mindglm.tuning.data import DataConfig, DataError, Example, encode_record, read_examples
 from mindglm.tuning.train import AdamW, OptimConfig, Trainer, clip_by_global_norm, collate, learning_rate
@@ -120,8 +120,8 @@ def _reference_loss(model, batch):
 
 
 def _adapted(family, kind, seed=0):
-    """A tiny model with a fresh adapter; kind "projection": P-Tuning through THUDM's MLP, the
-    encoder on `model.prefix_encoder`."""
+    """A tiny model with a fresh adapter; P-Tuning's encoder (kind "projection": with THUDM's
+    MLP) on `model.prefix_encoder`."""
     model = mindglm.load_model(model_dir(f"{family}-tiny"))
     model.prefix_encoder = None
     if kind == "lora":
@@ -131,8 +131,7 @@ def _adapted(family, kind, seed=0):
             if isinstance(cell, LoRALinear):
                 cell.lora_b.set_data(Tensor(rng.normal(0, 0.05, cell.lora_b.shape).astype(np.float32)))
     else:
-        encoder = add_prefix(model.network, model.config, 3, seed=seed, projection=kind == "projection")
-        model.prefix_encoder = encoder if kind == "projection" else None
+        model.prefix_encoder = add_prefix(model.network, model.config, 3, seed=seed, projection=kind == "projection")
     return model
 
 
@@ -324,7 +323,7 @@ def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
                 cell.lora_b.set_data(Tensor(np.zeros(cell.lora_b.shape, np.float32)))  # peft's start
     examples = _examples(model.config)
     optim = OptimConfig(learning_rate=5e-2 if kind == "lora" else 1e-1, lr_scheduler_type="constant")
-    trainer = Trainer(model.network, model.config, optim, 40)
+    trainer = Trainer(model.network, model.config, optim, 40, prefix_encoder=model.prefix_encoder)
     batch = collate(examples, model.config)
     first = trainer.evaluate([batch])
     for _ in range(40):
@@ -341,7 +340,7 @@ def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
         from mindglm.adapters.lora import LoRAConfig
         save_lora(model.network, model.config, out, LoRAConfig(4, 8, ["query_key_value", "dense_4h_to_h"]))
     else:
-        save_ptuning(prefix_encoder_of(model.network), out, base)
+        save_ptuning(model.prefix_encoder, out, base)
     reloaded = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out, merge_adapter=False)
     ids = batch["input_ids"][:1, : len(examples[0].input_ids)]
     np.testing.assert_array_equal(reloaded.logits(ids), model.logits(ids))

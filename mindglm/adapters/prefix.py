@@ -183,17 +183,6 @@ class EncoderGradients(nn.Cell):
         return [g.asnumpy().astype(np.float32) for g in self(Tensor(rows.astype(np.float32)))]
 
 
-def prefix_encoder_of(network) -> PrefixEncoder:
-    """THUDM's (projection-free) PrefixEncoder holding a network's current prefixes."""
-    wrappers = prefix_cells(network)
-    layers = np.stack([np.stack([w.prefix_key.astype(ms.float32).asnumpy(), w.prefix_value.astype(ms.float32).asnumpy()],
-                                1) for w in wrappers], 1)
-    rows = layers.reshape(layers.shape[0], -1).astype(np.float32)      # [P, layers * 2 * kv * d]
-    encoder = PrefixEncoder(rows.shape[0], rows.shape[1], rows.shape[1])
-    encoder.embedding.weight.set_data(Tensor(rows))
-    return encoder
-
-
 def prefix_length(network) -> int:
     """P of a network rewritten by apply_prefix, 0 for a plain one."""
     return max((cell.prefix_length for cell in prefix_cells(network)), default=0)
