@@ -92,6 +92,8 @@ def test_finetune_config_errors_are_one_line(tmp_path, capsys):
     assert "an integer loss_scale_factor >= 2" in capsys.readouterr().err
     assert finetune.main(["--config", config, "--set", "ptuning.prefix_projection=3"]) == 2
     assert "'ptuning.prefix_projection' must be true or false" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "lora.lora_dropout=1"]) == 2
+    assert "'lora.lora_dropout' is a dropout probability in [0, 1)" in capsys.readouterr().err
 
 
 def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):

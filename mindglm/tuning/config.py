@@ -112,6 +112,10 @@ def load_finetune_config(path: str, overrides: Iterable[str] = ()) -> FinetuneCo
 
     def resolve(p):
         return None if p is None else os.path.join(base, os.path.expanduser(p))
+    for key, value in (("lora.lora_dropout", sections["lora"].lora_dropout),
+                       ("ptuning.prefix_dropout", sections["ptuning"].prefix_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{path}: '{key}' is a dropout probability in [0, 1), got {value}")
     train = sections["train"]
     if train.loss_scale_value and not (train.loss_scale_value >= 1 and isinstance(train.loss_scale_factor, int)
                                        and train.loss_scale_factor >= 2 and isinstance(train.loss_scale_window, int)
