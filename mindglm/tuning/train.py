@@ -217,7 +217,12 @@ class Trainer:
         """(loss, unscaled float32 leaf gradients, whether they are all finite) of one micro-batch."""
         inputs = network_inputs(batch, prefix_length(self.network))
         scale = Tensor(1.0 if self.scaler is None else float(self.scaler.scale_value.asnumpy()), ms.float32)
-        loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)), scale)
+        # Always in training mode (dropout on): the compiled step keeps the mode it first compiled in.
+        self.network.set_train(True)
+        try:
+            loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)), scale)
+        finally:
+            self.network.set_train(False)
         finite = True
         if self.scaler is not None:
             grads = self.scaler.unscale(grads)
@@ -232,7 +237,7 @@ class Trainer:
         return dict(zip(self.names, leaf_grads))
 
     def loss_and_grads(self, batch: dict) -> tuple:
-        """(loss, {name: float32 grad}) of one micro-batch."""
+        """(loss, {name: float32 grad}) of one micro-batch (training mode, the dropout masks as last drawn)."""
         loss, grads, _ = self._micro_step(batch)
         return loss, self._param_grads(grads)
 
@@ -249,7 +254,6 @@ class Trainer:
     def train_step(self, micro_batches: list) -> dict:
         """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens", "skipped"}.
         With loss scaling a step whose gradients overflow changes no parameter ("skipped")."""
-        self.network.set_train(True)
         total, losses, tokens, finite = None, [], 0, True
         for micro, batch in enumerate(micro_batches):
             self._draw_masks(batch, micro)
@@ -259,7 +263,6 @@ class Trainer:
             finite = finite and ok
             if finite:
                 total = grads if total is None else [t + g for t, g in zip(total, grads)]
-        self.network.set_train(False)
         if self.scaler is not None:
             self.scaler.adjust(Tensor(finite))
         lr = learning_rate(self.optim, self.step, self.total_steps)
