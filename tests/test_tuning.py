@@ -278,6 +278,25 @@ def test_lora_dropout_masks_come_from_seed_and_step():
     np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), x @ w.T + (x @ a.T @ b.T) * 0.5, atol=1e-5, rtol=0)
 
 
+def test_the_compiled_train_step_applies_the_drawn_masks():
+    """The trainer's compiled step runs in training mode whatever mode the network is in, so
+    the masks it is given are the masks it uses: the same masks give the same loss, others not."""
+    model = mindglm.load_model(model_dir("chatglm2-tiny"))
+    add_lora(model.network, model.config, ["query_key_value"], 4, 8, lora_dropout=0.5, seed=0)
+    for _, cell in model.network.cells_and_names():
+        if isinstance(cell, LoRALinear):
+            cell.lora_b.set_data(Tensor(np.full(cell.lora_b.shape, 0.1, np.float32)))
+    trainer = Trainer(model.network, model.config, OptimConfig(), 10)
+    batch = collate(_examples(model.config), model.config)
+    losses = []
+    for step in (0, 0, 1):
+        trainer.step = step
+        trainer._draw_masks(batch, 0)
+        losses.append(trainer.loss_and_grads(batch)[0])
+    assert losses[0] == losses[1] != losses[2]
+    assert abs(trainer.evaluate([batch]) - losses[0]) > 1e-4       # eval mode: no dropout
+
+
 # ---------------------------------------------------------------------------------- optimizer
 def test_adamw_schedule_and_clipping_match_torch():
     torch = pytest.importorskip("torch")
