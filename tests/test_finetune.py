@@ -1,5 +1,5 @@
 """tools/finetune.py on the tiny ChatGLM3 e2e model: checkpoints that load with --adapter,
-an exact resume, and --merge."""
+an exact resume (with dropout, and P-Tuning through THUDM's projection MLP), and --merge."""
 import json
 import os
 import shutil
@@ -24,12 +24,14 @@ def _config(tmp_path, method, **train):
     data = tmp_path / "train.json"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN), encoding="utf-8")
     settings = {"output_dir": str(tmp_path / "out"), "max_steps": 4, "save_steps": 2, "learning_rate": 5e-2,
-                "lr_scheduler_type": "linear", "warmup_steps": 1, "eval_steps": 2, "seed": 1}
+                "lr_scheduler_type": "linear", "warmup_steps": 1, "eval_steps": 2, "seed": 1,
+                "loss_scale_value": 1024, "loss_scale_window": 3}   # the scale grows at step 3: state to restore
     settings.update(train)
-    config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "target_modules":
-                                                        ["query_key_value", "dense_h_to_4h"]},
-              "ptuning": {"pre_seq_len": 2}, "data": {"train_file": str(data), "validation_file": str(data)},
-              "train": settings}
+    # dropout on: a resume must regenerate the masks the uninterrupted run drew
+    config = {"model": BASE, "method": method, "lora": {"r": 2, "lora_alpha": 4, "lora_dropout": 0.1,
+                                                        "target_modules": ["query_key_value", "dense_h_to_4h"]},
+              "ptuning": {"pre_seq_len": 2, "prefix_dropout": 0.1, "prefix_projection": True},
+              "data": {"train_file": str(data), "validation_file": str(data)}, "train": settings}
     path = tmp_path / f"{method}.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     return str(path)
@@ -40,7 +42,7 @@ def _log(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning"])
-def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, method):
+def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, method, capsys):
     config = _config(tmp_path, method)
     assert finetune.main(["--config", config]) == 0
     full = _log(tmp_path)
@@ -48,12 +50,23 @@ def test_finetune_checkpoints_resume_exactly_and_load_as_adapters(tmp_path, meth
     assert full[-1]["loss"] < full[0]["loss"]
     out = tmp_path / "out"
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    # interrupted after step 2: resume gives the uninterrupted curve
+    with np.load(out / "checkpoint-4" / "trainer_state.npz") as state:
+        uninterrupted = dict(state)
+    assert uninterrupted["loss_scale"] == 2048 and uninterrupted["loss_scale_counter"] == 1
+    # interrupted after step 2: resume gives the uninterrupted curve and end state
     shutil.rmtree(out / "checkpoint-4")
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
     assert finetune.main(["--config", config, "--resume"]) == 0
     resumed = _log(tmp_path)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    with np.load(out / "checkpoint-4" / "trainer_state.npz") as state:
+        assert sorted(state) == sorted(uninterrupted)
+        for key in state:
+            np.testing.assert_array_equal(state[key], uninterrupted[key], err_msg=key)
+    # resuming under other adapter settings: one clear error
+    other = "lora.r=3" if method == "lora" else "ptuning.prefix_projection=false"
+    assert finetune.main(["--config", config, "--resume", "--set", other]) == 2
+    assert "does not fit this run's" in capsys.readouterr().err
     # the checkpoint is an adapter: it changes the base model's logits
     adapter = str(out / "checkpoint-4" / "adapter")
     ids = np.array([[64790, 64792, 64795, 30910, 13, 36474, 64796]])
@@ -74,6 +87,13 @@ def test_finetune_config_errors_are_one_line(tmp_path, capsys):
     assert "unknown key 'train.max_stepz'" in capsys.readouterr().err
     assert finetune.main(["--config", config, "--set", "lora.target_modules=[nope]"]) == 2
     assert "'nope' matches no layer" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "train.loss_scale_value=1024", "--set",
+                          "train.loss_scale_factor=1.5"]) == 2
+    assert "an integer loss_scale_factor >= 2" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "ptuning.prefix_projection=3"]) == 2
+    assert "'ptuning.prefix_projection' must be true or false" in capsys.readouterr().err
+    assert finetune.main(["--config", config, "--set", "lora.lora_dropout=1"]) == 2
+    assert "'lora.lora_dropout' is a dropout probability in [0, 1)" in capsys.readouterr().err
 
 
 def test_evaluate_scores_engine_replies_like_one_by_one_chat(tmp_path):

@@ -1,7 +1,12 @@
 """Optional oracle: one LoRA training step's loss and gradients equal peft's on transformers'
 GlmForCausalLM with the same weights (ChatGLM2/3 network). GlmForCausalLM splits qkv into
 q/k/v projections (a LoRA on the fused matrix has no split equivalent), so the adapted layers
-are the attention output, the fused gate/up and the down projection."""
+are the attention output, the fused gate/up and the down projection. And the round trip: our
+saved LoRA loads in peft, and peft's merge equals ours."""
+import json
+import os
+import sys
+
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -16,6 +21,8 @@ from mindglm.config import GLMConfig  # noqa: E402
 from mindglm.tuning.data import Example  # noqa: E402
 from mindglm.tuning.train import OptimConfig, Trainer, collate  # noqa: E402
 from test_oracle_transformers import glm_reference, random_weights  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # mindglm Linear -> GlmForCausalLM module (per layer)
 HF_MODULE = {"attention.dense": "self_attn.o_proj", "mlp.up": "mlp.gate_up_proj", "mlp.down": "mlp.down_proj"}
@@ -64,3 +71,77 @@ def test_lora_step_equals_peft(family, groups):
                                        err_msg=f"{family} {path}")
             checked += 1
     assert checked == 2 * 3 * config.num_layers
+
+
+def _thudm_state(path):
+    """{name: torch tensor} of a THUDM model dir's shards (.bin or .safetensors), read by torch."""
+    from safetensors.torch import load_file
+    index = next(f for f in os.listdir(path) if f.endswith(".index.json"))
+    with open(os.path.join(path, index)) as fh:
+        files = sorted(set(json.load(fh)["weight_map"].values()))
+    state = {}
+    for name in files:
+        full = os.path.join(path, name)
+        state.update(load_file(full) if name.endswith(".safetensors") else torch.load(full, weights_only=True))
+    return state
+
+
+def _linears(state, targets):
+    """A torch module tree holding, under THUDM's module names, an nn.Linear per targeted matrix:
+    all peft needs to inject, load and merge a LoRA saved against THUDM's model."""
+    root = torch.nn.Module()
+    for name, weight in state.items():
+        path = name[: -len(".weight")]
+        if not name.endswith(".weight") or weight.ndim != 2 or not any(
+                path == t or path.endswith("." + t) for t in targets):
+            continue
+        parent = root
+        for part in path.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        bias = state.get(path + ".bias")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        linear.weight.data = weight.float().clone()
+        if bias is not None:
+            linear.bias.data = bias.float().clone()
+        parent.add_module(path.rsplit(".", 1)[-1], linear)
+    return root
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
+def test_our_lora_output_loads_in_peft_and_merges_like_finetune_merge(family, tmp_path):
+    """Our saved LoRA goes through peft's own loader onto THUDM-named layers; its
+    merge_and_unload() weights equal `tools/finetune.py --merge --to-hf` (ChatGLM-6B: B's rows
+    back in THUDM's per-head qkv order on both sides)."""
+    import mindglm
+    from mindglm.adapters.lora import LoRAConfig
+    from mindglm.adapters.save import save_lora
+    from mindglm.yaml_config import load_run_config
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import finetune
+    base_yaml = os.path.join(REPO, "configs", "tiny", f"{family}_e2e.yaml")
+    targets = ["query_key_value", "dense_4h_to_h"]
+    model = mindglm.load_model(base_yaml)
+    add_lora(model.network, model.config, targets, 2, 4, seed=1)
+    rng = np.random.default_rng(2)
+    for _, cell in model.network.cells_and_names():
+        if isinstance(cell, LoRALinear):
+            cell.lora_b.set_data(Tensor(rng.normal(0, 0.1, cell.lora_b.shape).astype(np.float32)))
+    adapter, merged_dir = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    save_lora(model.network, model.config, adapter, LoRAConfig(2, 4, targets))
+    config = tmp_path / "merge.yaml"
+    config.write_text(json.dumps({"model": base_yaml, "method": "lora", "data": {"train_file": "unused.json"}}))
+    assert finetune.main(["--config", str(config), "--merge", merged_dir, "--adapter", adapter, "--to-hf"]) == 0
+
+    peft_config = peft.PeftConfig.from_pretrained(adapter)
+    peft_config.task_type = None    # a bare module tree, not a causal LM: peft's plain PeftModel
+    state = _thudm_state(load_run_config(base_yaml).checkpoint)
+    merged = peft.PeftModel.from_pretrained(_linears(state, targets), adapter, config=peft_config)
+    merged = merged.merge_and_unload().state_dict()
+    ours = torch.load(os.path.join(merged_dir, "pytorch_model.bin"), weights_only=True)
+    assert sum(name.endswith(".weight") for name in merged) == len(targets) * model.config.num_layers
+    for name, value in merged.items():
+        if name.endswith(".weight"):  # peft did load and merge our LoRA there
+            assert np.abs(value.numpy() - state[name].float().numpy()).max() > 1e-3, name
+        np.testing.assert_allclose(ours[name].numpy(), value.numpy(), atol=1e-6, rtol=0, err_msg=name)

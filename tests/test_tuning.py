@@ -11,7 +11,7 @@ from mindspore import Tensor
 import mindglm
 from mindglm.adapters import LoRALinear
 from mindglm.adapters.lora import add_lora
-from mindglm.adapters.prefix import add_prefix, prefix_encoder_of
+from mindglm.adapters.prefix import add_prefix, write_prefixes
 from mindglm.adapters.save import save_lora, save_ptuning
 from mindglm.tuning.data import DataConfig, DataError, Example, encode_record, read_examples
 from mindglm.tuning.train import AdamW, OptimConfig, Trainer, clip_by_global_norm, collate, learning_rate
@@ -120,7 +120,10 @@ def _reference_loss(model, batch):
 
 
 def _adapted(family, kind, seed=0):
+    """A tiny model with a fresh adapter; P-Tuning's encoder (kind "projection": with THUDM's
+    MLP) on `model.prefix_encoder`."""
     model = mindglm.load_model(model_dir(f"{family}-tiny"))
+    model.prefix_encoder = None
     if kind == "lora":
         add_lora(model.network, model.config, ["query_key_value", "dense_4h_to_h"], 4, 8, seed=seed)
         rng = np.random.default_rng(seed + 1)           # B != 0, so the LoRA branch matters
@@ -128,17 +131,19 @@ def _adapted(family, kind, seed=0):
             if isinstance(cell, LoRALinear):
                 cell.lora_b.set_data(Tensor(rng.normal(0, 0.05, cell.lora_b.shape).astype(np.float32)))
     else:
-        add_prefix(model.network, model.config, 3, seed=seed)
+        model.prefix_encoder = add_prefix(model.network, model.config, 3, seed=seed, projection=kind == "projection")
     return model
 
 
-@pytest.mark.parametrize("kind", ["lora", "ptuning"])
-@pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
-def test_loss_and_gradients(family, kind):
+@pytest.mark.parametrize("family,kind", [("chatglm", "lora"), ("chatglm", "ptuning"), ("chatglm", "projection"),
+                                         ("chatglm2", "lora"), ("chatglm2", "ptuning")])
+def test_loss_and_gradients(family, kind, tmp_path):
     """The loss equals the reference cross-entropy; the adapter's gradients equal central finite
-    differences along random directions (left-padded right: two rows of different lengths)."""
+    differences along random directions (left-padded right: two rows of different lengths). With
+    the projection the parameters are the prefix encoder's, the prefixes its output."""
     model = _adapted(family, kind)
-    trainer = Trainer(model.network, model.config, OptimConfig(), 10)
+    encoder = model.prefix_encoder
+    trainer = Trainer(model.network, model.config, OptimConfig(), 10, prefix_encoder=encoder)
     batch = collate(_examples(model.config), model.config)
     loss, grads = trainer.loss_and_grads(batch)
     assert abs(loss - _reference_loss(model, batch)) < 1e-5
@@ -152,16 +157,144 @@ def test_loss_and_gradients(family, kind):
         eps = 1e-2
         sides = []
         for sign in (1, -1):
-            for p, v, d in zip(trainer.params, values, direction):
-                p.set_data(Tensor((v + sign * eps * d).astype(np.float32)))
+            _set(trainer, model, [v + sign * eps * d for v, d in zip(values, direction)])
             sides.append(_reference_loss(model, batch))
-        for p, v in zip(trainer.params, values):
-            p.set_data(Tensor(v.astype(np.float32)))
+        _set(trainer, model, values)
         numeric = (sides[0] - sides[1]) / (2 * eps)
         assert abs(analytic - numeric) < 2e-3 + 0.02 * abs(numeric), (analytic, numeric)
-    trained = {id(p) for p in trainer.params}
+    trained = {id(p) for p in trainer.leaves}
     assert all(not p.requires_grad for p in model.network.get_parameters() if id(p) not in trained)
     assert len(trained) == (4 if kind == "lora" else 2) * model.config.num_layers
+    if kind == "projection":
+        assert trainer.names == ["embedding.weight", "trans.0.weight", "trans.0.bias", "trans.2.weight",
+                                 "trans.2.bias"]
+        # trained a little, saved in THUDM's format, reloaded with adapter=: the trained model's logits
+        before = model.logits(batch["input_ids"])
+        for _ in range(2):
+            trainer.train_step([batch])
+        out = str(tmp_path / "prefix")
+        save_ptuning(encoder, out, json.load(open(os.path.join(model_dir(f"{family}-tiny"), "config.json"))))
+        reloaded = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out)
+        assert np.abs(model.logits(batch["input_ids"]) - before).max() > 1e-3
+        np.testing.assert_array_equal(reloaded.logits(batch["input_ids"]), model.logits(batch["input_ids"]))
+
+
+def _set(trainer, model, values):
+    """Put `values` into the trained parameters (and, with an encoder, its output into the prefixes)."""
+    for p, v in zip(trainer.params, values):
+        p.set_data(Tensor(np.asarray(v, np.float32)))
+    if model.prefix_encoder is not None:
+        write_prefixes(model.network, model.prefix_encoder)
+
+
+def test_loss_scaling_skips_overflow_and_otherwise_equals_fp32():
+    """Dynamic loss scaling (the fp16/bf16 path, exercised in float32): an overflowing step
+    changes nothing and halves the scale; a finite one makes exactly the float32 update (the
+    scale is a power of two), and window finite steps in a row double the scale."""
+    model = _adapted("chatglm2", "lora")
+    batch = collate(_examples(model.config), model.config)
+    optim = dict(lr_scheduler_type="constant")
+    start = [p.asnumpy().copy() for p in model.network.trainable_params()]
+    plain = Trainer(model.network, model.config, OptimConfig(**optim), 10)
+    plain.train_step([batch])
+    fp32 = [p.asnumpy().copy() for p in plain.params]
+    _set(plain, model, start)
+
+    scaled = Trainer(model.network, model.config, OptimConfig(loss_scale_value=2.0 ** 127, loss_scale_factor=2,
+                                                              loss_scale_window=2, **optim), 10)
+    result = scaled.train_step([batch])       # 2**127 times the gradients overflows float32
+    assert result["skipped"] and scaled.adamw.step_count == 0 and scaled.step == 1
+    for p, v in zip(scaled.params, start):
+        np.testing.assert_array_equal(p.asnumpy(), v)
+    assert float(scaled.scaler.scale_value.asnumpy()) == 2.0 ** 126
+
+    from mindspore import ops
+    ops.assign(scaled.scaler.scale_value, Tensor(np.float32(2.0 ** 10)))
+    result = scaled.train_step([batch])
+    assert not result["skipped"] and float(scaled.scaler.scale_value.asnumpy()) == 2.0 ** 10
+    for p, v in zip(scaled.params, fp32):
+        np.testing.assert_array_equal(p.asnumpy(), v)
+    scaled.train_step([batch])
+    assert float(scaled.scaler.scale_value.asnumpy()) == 2.0 ** 11      # 2 finite steps in a row
+    state = scaled.state()
+    assert state["loss_scale"] == 2.0 ** 11 and state["loss_scale_counter"] == 0
+
+
+def test_float16_compute_with_loss_scaling():
+    """The Ascend path run for real in float16 on CPU (tiny model): a scale of 2**24 overflows
+    float16, the step is skipped and the scale halved; at 2**10 the unscaled float16 gradients
+    are the float32 model's to float16 precision."""
+    from mindglm.pipeline import load_run_model
+    from mindglm.yaml_config import load_run_config
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny",
+                        "chatglm3_e2e.yaml")
+    models = [load_run_model(load_run_config(base, [("model.model_config.compute_dtype", dtype)]))
+              for dtype in ("float16", "float32")]
+    for model in models:
+        add_lora(model.network, model.config, ["query_key_value", "dense_4h_to_h"], 2, 4, seed=1)
+        rng = np.random.default_rng(2)
+        for _, cell in model.network.cells_and_names():
+            if isinstance(cell, LoRALinear):
+                cell.lora_b.set_data(Tensor(rng.normal(0, 0.1, cell.lora_b.shape).astype(np.float32)))
+    half, full = models
+    ids = [64790, 64792, 64795, 30910, 13, 36474, 64796, 30910, 13, 36474, 2]
+    batch = collate([Example(ids, [-100] * 6 + ids[6:], 1)], half.config)
+    trainer = Trainer(half.network, half.config, OptimConfig(loss_scale_value=2.0 ** 24), 10)
+    start = [p.asnumpy().copy() for p in trainer.params]
+    assert trainer.train_step([batch])["skipped"]
+    assert float(trainer.scaler.scale_value.asnumpy()) == 2.0 ** 23
+    for p, v in zip(trainer.params, start):
+        np.testing.assert_array_equal(p.asnumpy(), v)
+    from mindspore import ops
+    ops.assign(trainer.scaler.scale_value, Tensor(np.float32(2.0 ** 10)))
+    loss, grads = trainer.loss_and_grads(batch)
+    reference_loss, reference = Trainer(full.network, full.config, OptimConfig(), 10).loss_and_grads(batch)
+    assert abs(loss - reference_loss) < 1e-2
+    for name, value in reference.items():
+        # float16 rounding: ~2e-3 of the largest gradient measured
+        np.testing.assert_allclose(grads[name], value, atol=1e-2 * np.abs(value).max(), rtol=0, err_msg=name)
+
+
+def test_lora_dropout_masks_come_from_seed_and_step():
+    """In training the LoRA branch sees x * mask with mask drawn from (seed, step, micro-batch)
+    as torch's dropout scales it (keep / (1 - p)); in eval mode no mask."""
+    from mindglm.adapters.dropout import draw_dropout_masks
+    from mindglm.models.layers import Linear
+    import mindspore as ms
+    rng = np.random.default_rng(0)
+    base = Linear(6, 5, False, ms.float32, ms.float32)
+    w, a, b = rng.standard_normal((5, 6)), rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
+    base.weight.set_data(Tensor(w.astype(np.float32)))
+    cell = LoRALinear(base, 2, 0.5, dropout=0.25)
+    cell.lora_a.set_data(Tensor(a.astype(np.float32)))
+    cell.lora_b.set_data(Tensor(b.astype(np.float32)))
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    draw_dropout_masks([cell.dropout], 2, 3, seed=7, step=4, micro=1)
+    keep = np.random.default_rng([7, 4, 1]).random((2, 3, 6)) < 0.75
+    cell.set_train(True)
+    expected = x @ w.T + ((x * keep / 0.75) @ a.T @ b.T) * 0.5
+    np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), expected, atol=1e-5, rtol=0)
+    cell.set_train(False)
+    np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), x @ w.T + (x @ a.T @ b.T) * 0.5, atol=1e-5, rtol=0)
+
+
+def test_the_compiled_train_step_applies_the_drawn_masks():
+    """The trainer's compiled step runs in training mode whatever mode the network is in, so
+    the masks it is given are the masks it uses: the same masks give the same loss, others not."""
+    model = mindglm.load_model(model_dir("chatglm2-tiny"))
+    add_lora(model.network, model.config, ["query_key_value"], 4, 8, lora_dropout=0.5, seed=0)
+    for _, cell in model.network.cells_and_names():
+        if isinstance(cell, LoRALinear):
+            cell.lora_b.set_data(Tensor(np.full(cell.lora_b.shape, 0.1, np.float32)))
+    trainer = Trainer(model.network, model.config, OptimConfig(), 10)
+    batch = collate(_examples(model.config), model.config)
+    losses = []
+    for step in (0, 0, 1):
+        trainer.step = step
+        trainer._draw_masks(batch, 0)
+        losses.append(trainer.loss_and_grads(batch)[0])
+    assert losses[0] == losses[1] != losses[2]
+    assert abs(trainer.evaluate([batch]) - losses[0]) > 1e-4       # eval mode: no dropout
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -209,7 +342,7 @@ def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
                 cell.lora_b.set_data(Tensor(np.zeros(cell.lora_b.shape, np.float32)))  # peft's start
     examples = _examples(model.config)
     optim = OptimConfig(learning_rate=5e-2 if kind == "lora" else 1e-1, lr_scheduler_type="constant")
-    trainer = Trainer(model.network, model.config, optim, 40)
+    trainer = Trainer(model.network, model.config, optim, 40, prefix_encoder=model.prefix_encoder)
     batch = collate(examples, model.config)
     first = trainer.evaluate([batch])
     for _ in range(40):
@@ -226,7 +359,7 @@ def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
         from mindglm.adapters.lora import LoRAConfig
         save_lora(model.network, model.config, out, LoRAConfig(4, 8, ["query_key_value", "dense_4h_to_h"]))
     else:
-        save_ptuning(prefix_encoder_of(model.network), out, base)
+        save_ptuning(model.prefix_encoder, out, base)
     reloaded = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out, merge_adapter=False)
     ids = batch["input_ids"][:1, : len(examples[0].input_ids)]
     np.testing.assert_array_equal(reloaded.logits(ids), model.logits(ids))

@@ -1,11 +1,12 @@
-"""Training throughput and peak memory: mindglm LoRA / P-Tuning v2 against torch + peft LoRA.
+"""Training throughput and peak memory: mindglm LoRA / P-Tuning v2 against torch (+ peft for LoRA).
 
     python tools/bench_finetune.py --config small [--steps 5 --seq 128 --batch 1]
 
 Same random weights (tools/bench_generate.py), same tokens; LoRA r=8 on the attention output,
 the fused gate/up and the down projection (GlmForCausalLM splits qkv, so qkv is left out on both
-sides); P-Tuning: pre_seq_len 16, no projection (torch has no THUDM prefix path on
-GlmForCausalLM to compare). Each variant runs in its own process, so its peak RSS is its own.
+sides); P-Tuning: pre_seq_len 16, without and with THUDM's projection MLP; torch runs THUDM's
+PrefixEncoder + get_prompt() past keys/values on GlmForCausalLM (as tests/test_oracle_ptuning.py
+checks it against the wave2 goldens). Each variant runs in its own process, so its peak RSS is its own.
 Prints one JSON object: tokens/s (after one warm-up step) and peak RSS MiB per variant.
 """
 from __future__ import annotations
@@ -42,13 +43,14 @@ def run_mindglm(method, config_name, args, queue):
     config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
     model = build_mindglm(config, random_weights(config, 0))
     network = getattr(model, "network", model)
+    encoder = None
     if method == "lora":
         add_lora(network, config, TARGETS, 8, 16)
-    else:
-        add_prefix(network, config, 16)
+    else:   # as tools/finetune.py trains it: the prefix encoder, through its output
+        encoder = add_prefix(network, config, 16, projection=method == "ptuning-projection")
     ids = _tokens(config, args)
     batch = collate([Example(list(row), [-100] + list(row[1:]), 1) for row in ids], config)
-    trainer = Trainer(network, config, OptimConfig(learning_rate=1e-4), args.steps + 1)
+    trainer = Trainer(network, config, OptimConfig(learning_rate=1e-4), args.steps + 1, prefix_encoder=encoder)
     trainer.train_step([batch])                      # compile
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -65,16 +67,22 @@ def run_torch(method, config_name, args, queue):
     from mindglm.config import GLMConfig
     config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
     model = build_torch(config, random_weights(config, 0))
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj", "gate_up_proj",
-                                                                                           "down_proj"]))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.from_numpy(_tokens(config, args))
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[
+            "o_proj", "gate_up_proj", "down_proj"]))
+        trained = [p for p in model.parameters() if p.requires_grad]
+
+        def loss():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        loss, trained = _torch_ptuning_loss(model, config, ids, projection=method == "ptuning-projection")
+    model.train()
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad()
     step()
@@ -84,6 +92,34 @@ def run_torch(method, config_name, args, queue):
     seconds = time.perf_counter() - start
     queue.put({"tokens_per_s": args.steps * ids.numel() / seconds,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _torch_ptuning_loss(model, config, ids, projection: bool, prefix: int = 16):
+    """(loss function, trained parameters) of THUDM's P-Tuning v2 over GlmForCausalLM: a frozen
+    model, THUDM's PrefixEncoder (embedding, optionally -> Linear -> tanh -> Linear) whose output
+    get_prompt() turns into every layer's past keys/values; positions from 0."""
+    import torch
+    import transformers
+    for param in model.parameters():
+        param.requires_grad_(False)
+    kv_size = config.num_layers * 2 * config.multi_query_group_num * config.kv_channels
+    layers = [torch.nn.Embedding(prefix, kv_size)]
+    if projection:
+        layers += [torch.nn.Linear(kv_size, config.hidden_size), torch.nn.Tanh(),
+                   torch.nn.Linear(config.hidden_size, kv_size)]
+    encoder = torch.nn.Sequential(*layers)
+    batch, length = ids.shape
+
+    def loss():
+        past = encoder(torch.arange(prefix)).view(prefix, config.num_layers * 2, config.multi_query_group_num,
+                                                  config.kv_channels)
+        cache = transformers.DynamicCache(config=model.config)
+        for layer in range(config.num_layers):
+            keys, values = (past[:, 2 * layer + j].permute(1, 0, 2)[None].expand(batch, -1, -1, -1) for j in (0, 1))
+            cache.update(keys, values, layer)
+        return model(input_ids=ids, labels=ids, cache=cache, position_ids=torch.arange(length)[None].expand(batch, -1),
+                     attention_mask=torch.ones(batch, prefix + length, dtype=torch.long)).loss
+    return loss, list(encoder.parameters())
 
 
 def measure(target, *arguments):
@@ -107,9 +143,12 @@ def main(argv=None) -> int:
               "load": os.getloadavg()[0]}
     report["mindglm_lora"] = measure(run_mindglm, "lora", args.config, args)
     report["mindglm_ptuning"] = measure(run_mindglm, "ptuning", args.config, args)
+    report["mindglm_ptuning_projection"] = measure(run_mindglm, "ptuning-projection", args.config, args)
     if not args.no_torch:
-        report["torch_peft_lora"] = measure(run_torch, "lora", args.config, args)
-        report["lora_speed_ratio"] = report["mindglm_lora"]["tokens_per_s"] / report["torch_peft_lora"]["tokens_per_s"]
+        for method in ("lora", "ptuning", "ptuning_projection"):
+            torch_run = measure(run_torch, method.replace("_", "-"), args.config, args)
+            report[f"torch_{method}"] = torch_run
+            report[f"{method}_speed_ratio"] = report[f"mindglm_{method}"]["tokens_per_s"] / torch_run["tokens_per_s"]
     print(json.dumps(report))
     return 0
 

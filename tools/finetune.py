@@ -5,10 +5,10 @@
     python tools/finetune.py --config ... --merge OUT.ckpt --adapter DIR [--to-hf]
 
 Checkpoints `output_dir/checkpoint-N/` hold the adapter (LoRA: peft's format; P-Tuning: THUDM's),
-loadable with `--adapter`, plus `trainer_state.npz` (optimizer moments, step, data order seed):
+loadable with `--adapter`, plus `trainer_state.npz` (optimizer moments, step, loss scale):
 `--resume` continues exactly. Ctrl-C saves a checkpoint after the current step and exits.
-The data order is a function of (seed, epoch) only, so the step number is the data position.
-Dropout draws are not restored on resume; with dropout 0 a resumed run equals an uninterrupted one.
+The data order is a function of (seed, epoch) only, so the step number is the data position,
+and dropout masks are drawn from (seed, step, micro-batch): a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------- pieces
 def build(cfg):
-    """(model, tokenizer, run config) with a fresh adapter added."""
+    """(model, tokenizer, run config, prefix encoder or None) with a fresh adapter added."""
     from mindglm.adapters.lora import add_lora
     from mindglm.adapters.prefix import add_prefix
     from mindglm.pipeline import load_run_model
@@ -51,14 +51,15 @@ def build(cfg):
     if run.adapter:
         raise ConfigError(f"{cfg.model}: the base model's run config has an adapter; train on the plain base")
     model = load_run_model(run)
+    encoder = None
     if cfg.method == "lora":
         lora = cfg.lora
         add_lora(model.network, model.config, lora.target_modules, lora.r, lora.lora_alpha, lora.lora_dropout,
                  seed=cfg.train.seed)
     else:
-        add_prefix(model.network, model.config, cfg.ptuning.pre_seq_len, seed=cfg.train.seed,
-                   dropout=cfg.ptuning.prefix_dropout)
-    return model, run.load_tokenizer(), run
+        encoder = add_prefix(model.network, model.config, cfg.ptuning.pre_seq_len, seed=cfg.train.seed,
+                             dropout=cfg.ptuning.prefix_dropout, projection=cfg.ptuning.prefix_projection)
+    return model, run.load_tokenizer(), run, encoder
 
 
 def batches_for_step(examples, step: int, batch_size: int, accumulation: int, seed: int) -> list:
@@ -76,7 +77,6 @@ def batches_for_step(examples, step: int, batch_size: int, accumulation: int, se
 def save_checkpoint(cfg, model, trainer, base_config_json: dict) -> str:
     """output_dir/checkpoint-N: the adapter in its interchange format + trainer_state.npz."""
     from mindglm.adapters.lora import LoRAConfig
-    from mindglm.adapters.prefix import prefix_encoder_of
     from mindglm.adapters.save import atomic_dir, save_lora, save_ptuning
     path = os.path.join(cfg.train.output_dir, f"checkpoint-{trainer.step}")
     with atomic_dir(path) as tmp:
@@ -85,13 +85,8 @@ def save_checkpoint(cfg, model, trainer, base_config_json: dict) -> str:
             save_lora(model.network, model.config, adapter,
                       LoRAConfig(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules, cfg.lora.lora_dropout))
         else:
-            save_ptuning(prefix_encoder_of(model.network), adapter, base_config_json)
-        state = trainer.adamw.state()
-        arrays = {"step": np.array(trainer.step), "adam_step": np.array(state["step"])}
-        for i, name in enumerate(trainer.names):
-            if name in state["exp_avg"]:
-                arrays[f"m{i}"], arrays[f"v{i}"] = state["exp_avg"][name], state["exp_avg_sq"][name]
-        np.savez(os.path.join(tmp, "trainer_state.npz"), **arrays)
+            save_ptuning(trainer.encoder, adapter, base_config_json)
+        np.savez(os.path.join(tmp, "trainer_state.npz"), **trainer.state())
     return path
 
 
@@ -102,30 +97,30 @@ def latest_checkpoint(output_dir: str):
 
 
 def restore(path: str, model, trainer, method: str) -> None:
-    """Adapter values and optimizer state of checkpoint `path` back into a fresh model and trainer."""
+    """Adapter values and trainer state of checkpoint `path` back into a fresh model and trainer."""
     from mindspore import Tensor, ops
-    from mindglm.adapters.lora import read_lora_pairs
+    from mindglm.adapters.lora import LoRALinear, read_lora_pairs
     from mindglm.adapters.ptuning import prefix_encoder_from
-    from mindglm.adapters.prefix import split_layers
-    config = model.config
-    cells = dict(model.network.cells_and_names())
+    from mindglm.adapters.prefix import write_prefixes
     adapter = os.path.join(path, "adapter")
     if method == "lora":
-        for target, (a, b) in read_lora_pairs(adapter, config).items():
-            ops.assign(cells[target].lora_a, Tensor(a))
-            ops.assign(cells[target].lora_b, Tensor(b))
+        cells = {p: c for p, c in model.network.cells_and_names() if isinstance(c, LoRALinear)}
+        saved = {f"{target}.{ab}": array for target, pair in read_lora_pairs(adapter, model.config).items()
+                 for ab, array in zip(("lora_a", "lora_b"), pair)}
+        params = {f"{target}.{ab}": getattr(cell, ab) for target, cell in cells.items() for ab in ("lora_a", "lora_b")}
     else:
-        rows = prefix_encoder_from(adapter, config).embedding.weight.asnumpy()
-        for i, (k, v) in enumerate(split_layers(rows, config.num_layers, config.kv_heads, config.head_dim)):
-            ops.assign(cells[f"layers.{i}.attention"].prefix_key, Tensor(k))
-            ops.assign(cells[f"layers.{i}.attention"].prefix_value, Tensor(v))
+        saved = {n: p.asnumpy() for n, p in prefix_encoder_from(adapter, model.config).parameters_and_names()}
+        params = dict(trainer.encoder.parameters_and_names())
+    misfits = sorted(set(saved) ^ set(params)) or [n for n in params if saved[n].shape != tuple(params[n].shape)]
+    if misfits:
+        raise ConfigError(f"--resume: {adapter} does not fit this run's {method} settings ('{misfits[0]}' is "
+                          "missing or shaped otherwise); resume with the settings the checkpoint was trained with")
+    for name, param in params.items():
+        ops.assign(param, Tensor(saved[name], param.dtype))
+    if method != "lora":
+        write_prefixes(model.network, trainer.encoder)
     with np.load(os.path.join(path, "trainer_state.npz")) as state:
-        trainer.step = int(state["step"])
-        moments = {"step": int(state["adam_step"]), "exp_avg": {}, "exp_avg_sq": {}}
-        for i, name in enumerate(trainer.names):
-            if f"m{i}" in state:
-                moments["exp_avg"][name], moments["exp_avg_sq"][name] = state[f"m{i}"], state[f"v{i}"]
-    trainer.adamw.load_state(moments)
+        trainer.load_state(state)
 
 
 def merge(args, cfg) -> int:
@@ -169,12 +164,12 @@ def train(args, cfg) -> int:
     from mindglm.interrupts import InterruptFlag
     from mindglm.tuning.data import read_examples
     from mindglm.tuning.train import Trainer, collate
-    model, tokenizer, run = build(cfg)
+    model, tokenizer, run, encoder = build(cfg)
     family = model.config.family
     examples = read_examples(cfg.train_file, tokenizer, family, cfg.data)
     validation = read_examples(cfg.validation_file, tokenizer, family, cfg.data) if cfg.validation_file else []
     t = cfg.train
-    trainer = Trainer(model.network, model.config, t, t.max_steps)
+    trainer = Trainer(model.network, model.config, t, t.max_steps, prefix_encoder=encoder, seed=t.seed)
     base_dir = run.checkpoint if os.path.isdir(run.checkpoint) else os.path.dirname(run.checkpoint)
     base_json_path = os.path.join(base_dir, "config.json")
     base_json = json.load(open(base_json_path)) if os.path.isfile(base_json_path) else {}

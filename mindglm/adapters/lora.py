@@ -19,6 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindglm.adapters.dropout import MaskedDropout
 from mindglm.checkpoint import CheckpointError, map_name, qkv_v1_to_grouped, thudm_name
 from mindglm.config import ConfigError
 from mindglm.io.sources import list_tensors
@@ -86,14 +87,16 @@ class LoRALinear(nn.Cell):
         self.scaling = scaling
         self.lora_a = Parameter(np.zeros((rank, self.in_features), np.float32), name="lora_a", requires_grad=False)
         self.lora_b = Parameter(np.zeros((self.out_features, rank), np.float32), name="lora_b", requires_grad=False)
-        self.dropout = nn.Dropout(p=dropout) if dropout else None
+        # masks over [batch, tokens, in]: drawn by the trainer from (seed, step), so a resume repeats them
+        self.dropout = MaskedDropout(dropout, (self.in_features,), leading=2) if dropout else None
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
         y = self.base(x)
-        h = x.reshape(-1, self.in_features).astype(ms.float32)
+        h = x.astype(ms.float32)
         if self.dropout is not None:
             h = self.dropout(h)
+        h = h.reshape(-1, self.in_features)
         delta = self.matmul(self.matmul(h, self.lora_a), self.lora_b) * self.scaling
         return y + delta.reshape(x.shape[:-1] + (self.out_features,)).astype(y.dtype)
 

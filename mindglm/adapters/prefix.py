@@ -18,6 +18,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindglm.adapters.dropout import MaskedDropout
 from mindglm.models.layers import Linear, SelfAttention
 from mindglm.rewrite import replace_cell
 
@@ -63,8 +64,11 @@ class PrefixAttention(nn.Cell):
         dtype = attention.compute_dtype
         self.prefix_key = Parameter(Tensor(keys, dtype), name="prefix_key", requires_grad=trainable)
         self.prefix_value = Parameter(Tensor(values, dtype), name="prefix_value", requires_grad=trainable)
-        # THUDM drops out the prefix keys/values while training (get_prompt's Dropout).
-        self.dropout = nn.Dropout(p=dropout) if dropout else None
+        # THUDM drops out the prefix keys/values while training (get_prompt's Dropout); masks per batch row
+        self.key_dropout = self.value_dropout = None
+        if dropout:
+            self.key_dropout = MaskedDropout(dropout, keys.shape, leading=1)
+            self.value_dropout = MaskedDropout(dropout, values.shape, leading=1)
 
     def construct(self, x, cos, sin, mask, slot_mapping=None, kv_slots=None):
         if slot_mapping is not None:  # the prefix already sits in slots [0, P) of every cache row
@@ -73,8 +77,8 @@ class PrefixAttention(nn.Cell):
         batch = x.shape[0]
         keys = ops.broadcast_to(self.prefix_key.astype(k.dtype).expand_dims(0), (batch,) + self.prefix_key.shape)
         values = ops.broadcast_to(self.prefix_value.astype(v.dtype).expand_dims(0), (batch,) + self.prefix_value.shape)
-        if self.dropout is not None:
-            keys, values = self.dropout(keys), self.dropout(values)
+        if self.key_dropout is not None:
+            keys, values = self.key_dropout(keys), self.value_dropout(values)
         k = ops.concat((keys, k), 1).transpose(0, 2, 1, 3)
         v = ops.concat((values, v), 1).transpose(0, 2, 1, 3)
         return self.attention.attend(q, k, v, mask)
@@ -99,39 +103,95 @@ def apply_prefix(network, per_layer: list, trainable: bool = False, dropout: flo
     return per_layer[0][0].shape[0]
 
 
-def add_prefix(network, config, pre_seq_len: int, seed: int = 0, dropout: float = 0.0) -> int:
-    """Trainable P-Tuning v2 prefixes without projection, drawn like THUDM's nn.Embedding (N(0, 1)).
-
-    Without prefix_projection THUDM's encoder is an embedding whose row slices *are* the layers'
-    keys and values, so training the per-layer prefixes directly is training that embedding
-    (same gradients, same AdamW steps); `prefix_encoder_of` writes it back in THUDM's layout."""
-    size = config.num_layers * 2 * config.kv_heads * config.head_dim
-    rows = np.random.default_rng(seed).standard_normal((pre_seq_len, size)).astype(np.float32)
-    return apply_prefix(network, split_layers(rows, config.num_layers, config.kv_heads, config.head_dim),
-                        trainable=True, dropout=dropout)
+def prefix_widths(config, projection: bool) -> tuple:
+    """(embedding width, projection width or 0, output width) of THUDM's PrefixEncoder for `config`:
+    ChatGLM2/3 embed into the output width and project through hidden_size, ChatGLM-6B embeds
+    into hidden_size and projects through hidden_size; without projection the embedding is the output."""
+    output = config.num_layers * 2 * config.kv_heads * config.head_dim
+    if not projection:
+        return output, 0, output
+    return (config.hidden_size if config.family == "chatglm" else output), config.hidden_size, output
 
 
-def prefix_encoder_of(network) -> PrefixEncoder:
-    """THUDM's (projection-free) PrefixEncoder holding a network's current prefixes."""
-    wrappers = [cell for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)]
-    layers = np.stack([np.stack([w.prefix_key.asnumpy(), w.prefix_value.asnumpy()], 1) for w in wrappers], 1)
-    rows = layers.reshape(layers.shape[0], -1).astype(np.float32)      # [P, layers * 2 * kv * d]
-    encoder = PrefixEncoder(rows.shape[0], rows.shape[1], rows.shape[1])
-    encoder.embedding.weight.set_data(Tensor(rows))
+def new_prefix_encoder(config, pre_seq_len: int, projection: bool = False, seed: int = 0) -> PrefixEncoder:
+    """A PrefixEncoder drawn as THUDM's torch modules start: the embedding N(0, 1) (nn.Embedding),
+    each Linear's weight and bias U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's kaiming-uniform, a=sqrt(5))."""
+    embedding, hidden, output = prefix_widths(config, projection)
+    encoder = PrefixEncoder(pre_seq_len, embedding, output, hidden)
+    rng = np.random.default_rng(seed)
+    for name, param in encoder.parameters_and_names():
+        if name == "embedding.weight":
+            values = rng.standard_normal(param.shape)
+        else:
+            bound = 1.0 / np.sqrt(embedding if name.startswith("trans.0.") else hidden)
+            values = rng.uniform(-bound, bound, param.shape)
+        param.set_data(Tensor(values.astype(np.float32)))
+        param.requires_grad = True      # Linear's weights are frozen base weights by default
     return encoder
+
+
+def add_prefix(network, config, pre_seq_len: int, seed: int = 0, dropout: float = 0.0,
+               projection: bool = False) -> PrefixEncoder:
+    """Trainable P-Tuning v2 prefixes: every layer's attention gets the slices of a new
+    PrefixEncoder's output (`new_prefix_encoder`), which is returned. The per-layer prefixes are
+    the network's trainable parameters; a Trainer given the encoder trains the encoder's own
+    (embedding, and the projection MLP with `projection`) through them."""
+    encoder = new_prefix_encoder(config, pre_seq_len, projection, seed)
+    apply_prefix(network, split_layers(encoder().asnumpy(), config.num_layers, config.kv_heads, config.head_dim),
+                 trainable=True, dropout=dropout)
+    return encoder
+
+
+def prefix_cells(network) -> list:
+    """Every PrefixAttention of `network`, layer by layer."""
+    return [cell for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)]
+
+
+def write_prefixes(network, encoder: PrefixEncoder) -> None:
+    """Set every layer's prefix to its slices of `encoder()` (in place: a compiled train step reads them)."""
+    cells = prefix_cells(network)
+    _, kv_heads, head_dim = cells[0].prefix_key.shape
+    per_layer = split_layers(encoder().asnumpy(), len(cells), kv_heads, head_dim)
+    for cell, (keys, values) in zip(cells, per_layer):
+        ops.assign(cell.prefix_key, Tensor(keys, cell.prefix_key.dtype))
+        ops.assign(cell.prefix_value, Tensor(values, cell.prefix_value.dtype))
+
+
+def prefix_leaves(network) -> list:
+    """The per-layer prefix Parameters in the encoder output's order: layer 0 keys, values, layer 1, ..."""
+    return [p for cell in prefix_cells(network) for p in (cell.prefix_key, cell.prefix_value)]
+
+
+class EncoderGradients(nn.Cell):
+    """The chain rule through a PrefixEncoder, graph-compiled once: its parameters' gradients
+    (parameters_and_names order) from those of the per-layer prefixes it outputs (prefix_leaves order)."""
+
+    def __init__(self, encoder: PrefixEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.weights = ms.ParameterTuple([p for _, p in encoder.parameters_and_names()])
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    @ms.jit
+    def construct(self, rows_grad):
+        return self.grad(self.encoder, self.weights)(rows_grad)
+
+    def of(self, leaf_grads: list) -> list:
+        """float32 numpy gradients of the encoder's parameters from the leaves' numpy gradients."""
+        pairs = [np.stack(leaf_grads[i:i + 2], 1) for i in range(0, len(leaf_grads), 2)]  # [P, 2, kv, d] each
+        rows = np.stack(pairs, 1).reshape(self.encoder.pre_seq_len, self.encoder.output_size)
+        return [g.asnumpy().astype(np.float32) for g in self(Tensor(rows.astype(np.float32)))]
 
 
 def prefix_length(network) -> int:
     """P of a network rewritten by apply_prefix, 0 for a plain one."""
-    return max((cell.prefix_length for _, cell in network.cells_and_names() if isinstance(cell, PrefixAttention)),
-               default=0)
+    return max((cell.prefix_length for cell in prefix_cells(network)), default=0)
 
 
 def fill_prefix_slots(network) -> None:
     """After setup_caches(): put every layer's prefix into the first P slots of each cache row."""
-    for _, cell in network.cells_and_names():
-        if isinstance(cell, PrefixAttention):
-            cell.fill_cache()
+    for cell in prefix_cells(network):
+        cell.fill_cache()
 
 
 def shift_mask_inputs(prefix: int, key_valid, query_index, context_lengths) -> tuple:

@@ -3,7 +3,7 @@
     model: ../glm2/chatglm2_6b.yaml     # a run config (checkpoint, tokenizer); relative to this file
     method: lora                        # lora | ptuning
     lora: {r: 8, lora_alpha: 32, lora_dropout: 0.1, target_modules: [query_key_value]}
-    ptuning: {pre_seq_len: 128, prefix_dropout: 0.0}
+    ptuning: {pre_seq_len: 128, prefix_dropout: 0.0, prefix_projection: false}
     data: {train_file: train.json, validation_file: dev.json, prompt_column: content, ...}
     train: {output_dir: output/lora, max_steps: 3000, per_device_train_batch_size: 1, ...}
 
@@ -34,6 +34,7 @@ class LoRASettings:
 class PTuningSettings:
     pre_seq_len: int = 128
     prefix_dropout: float = 0.0
+    prefix_projection: bool = False     # THUDM's 2-layer MLP over the prefix embedding
 
 
 @dataclasses.dataclass
@@ -71,9 +72,14 @@ def _section(cls, values, name, source):
             raise ConfigError(f"{source}: unknown key '{name}.{key}'; known: {', '.join(sorted(known | extra))}")
     fields = {k: v for k, v in values.items() if k in known}
     for f in dataclasses.fields(cls):
-        if f.name in fields and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
-            if not isinstance(fields[f.name], (int, float)) or isinstance(fields[f.name], bool):
-                raise ConfigError(f"{source}: key '{name}.{f.name}' must be a number, got {fields[f.name]!r}")
+        if f.name not in fields:
+            continue
+        value = fields[f.name]
+        if isinstance(f.default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{name}.{f.name}' must be true or false, got {value!r}")
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{source}: key '{name}.{f.name}' must be a number, got {value!r}")
     return cls(**fields)
 
 
@@ -106,6 +112,17 @@ def load_finetune_config(path: str, overrides: Iterable[str] = ()) -> FinetuneCo
 
     def resolve(p):
         return None if p is None else os.path.join(base, os.path.expanduser(p))
-    sections["train"].output_dir = resolve(sections["train"].output_dir)
+    for key, value in (("lora.lora_dropout", sections["lora"].lora_dropout),
+                       ("ptuning.prefix_dropout", sections["ptuning"].prefix_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{path}: '{key}' is a dropout probability in [0, 1), got {value}")
+    train = sections["train"]
+    if train.loss_scale_value and not (train.loss_scale_value >= 1 and isinstance(train.loss_scale_factor, int)
+                                       and train.loss_scale_factor >= 2 and isinstance(train.loss_scale_window, int)
+                                       and train.loss_scale_window >= 1):
+        raise ConfigError(f"{path}: loss scaling needs train.loss_scale_value >= 1 (or 0: off), an integer "
+                          f"loss_scale_factor >= 2 and an integer loss_scale_window >= 1; got "
+                          f"{train.loss_scale_value}, {train.loss_scale_factor}, {train.loss_scale_window}")
+    train.output_dir = resolve(train.output_dir)
     return FinetuneConfig(model=resolve(raw["model"]), method=method, train_file=resolve(data["train_file"]),
                           validation_file=resolve(data.get("validation_file")), **sections)

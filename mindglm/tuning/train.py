@@ -1,10 +1,12 @@
 """The train step: batches, the language-model loss, gradients over the adapter only, AdamW.
 
-Gradients come from MindSpore's `value_and_grad` over `network.trainable_params()` — the
-adapter's parameters (LoRA A/B, P-Tuning prefixes); every base weight has requires_grad=False.
-The optimizer runs on the host in float32 numpy: adapters are small, and torch's AdamW,
-schedules, clipping and accumulation are then a few exact lines each, and its state is plain
-arrays that a checkpoint can hold and a resume restores bit for bit.
+Gradients come from MindSpore's autograd over `network.trainable_params()` — the adapter's
+parameters (LoRA A/B, P-Tuning prefixes); every base weight has requires_grad=False. P-Tuning
+trains THUDM's PrefixEncoder through the prefixes it outputs (the chain rule, once per step).
+The loss scale (fp16/bf16) seeds the backward pass; mindspore.amp's DynamicLossScaler unscales,
+checks and adjusts. The optimizer runs on the host in float32 numpy: adapters are small, and
+torch's AdamW, schedules, clipping and accumulation are then a few exact lines each, and its
+state is plain arrays that a checkpoint can hold and a resume restores bit for bit.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindglm.adapters.prefix import prefix_length, shift_mask_inputs
+from mindglm.adapters.dropout import dropout_cells, draw_dropout_masks
+from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_length, shift_mask_inputs,
+                                     write_prefixes)
 from mindglm.models.layers import mask_inputs
 from mindglm.models import family_module
 from mindglm.tuning.data import IGNORE
@@ -78,22 +82,24 @@ class LossNetwork(nn.Cell):
 
 
 class GradStep(nn.Cell):
-    """(loss, grads of `params`) of a LossNetwork, graph-compiled once per batch shape: ~8x
-    faster than PyNative autograd on the tiny test models, same values. The compiled graph
-    reads the Parameters' memory: updates must be in place (ops.assign), as `set_data` swaps
-    the memory and the graph would keep computing at the old values."""
+    """(loss, grads of `params` scaled by `loss_scale`) of a LossNetwork, graph-compiled once per
+    batch shape: ~8x faster than PyNative autograd on the tiny test models, same values. The
+    loss scale is the backward pass's seed (MindSpore's TrainOneStepWithLossScaleCell does the
+    same), so fp16 gradients are scaled from the loss down. The compiled graph reads the
+    Parameters' memory: updates must be in place (ops.assign), as `set_data` swaps the memory
+    and the graph would keep computing at the old values."""
 
     def __init__(self, loss_network, params):
         super().__init__()
         self.loss_network = loss_network
         self.weights = ms.ParameterTuple(params)
-        self.grad = ops.GradOperation(get_by_list=True)
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     @ms.jit
-    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, labels):
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, labels, loss_scale):
         loss = self.loss_network(input_ids, position_ids, key_valid, query_first, query_last, labels)
         grads = self.grad(self.loss_network, self.weights)(input_ids, position_ids, key_valid, query_first,
-                                                           query_last, labels)
+                                                           query_last, labels, loss_scale)
         return loss, grads
 
 
@@ -109,6 +115,12 @@ class OptimConfig:
     lr_scheduler_type: str = "linear"     # linear | cosine | constant (transformers' names)
     max_grad_norm: float = 1.0             # 0: no clipping
     gradient_accumulation_steps: int = 1
+    # Dynamic loss scaling for float16/bfloat16 compute (Ascend): 0 turns it off (float32 needs none).
+    # A step whose gradients overflow is skipped and the scale divided by the factor; after
+    # loss_scale_window finite steps in a row it is multiplied by it (mindspore.amp.DynamicLossScaler).
+    loss_scale_value: float = 0.0
+    loss_scale_factor: int = 2
+    loss_scale_window: int = 1000
 
 
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
@@ -172,46 +184,128 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> float:
 
 
 class Trainer:
-    """One optimizer step = `gradient_accumulation_steps` micro-batches of value_and_grad."""
+    """One optimizer step = `gradient_accumulation_steps` micro-batches of value_and_grad.
 
-    def __init__(self, network, config, optim: OptimConfig, total_steps: int):
+    The optimizer trains the network's trainable parameters, or, given `prefix_encoder`, the
+    encoder whose output the network's per-layer prefixes are (add_prefix): their gradients are
+    carried through it (`EncoderGradients`) and its new output written back after each update.
+    Dropout masks are drawn from (seed, step, micro-batch), so a resumed run repeats them."""
+
+    def __init__(self, network, config, optim: OptimConfig, total_steps: int, prefix_encoder=None, seed: int = 0):
         self.network, self.config, self.optim, self.total_steps = network, config, optim, total_steps
-        self.params = network.trainable_params()
-        if not self.params:
+        self.encoder, self.seed = prefix_encoder, seed
+        self.leaves = prefix_leaves(network) if prefix_encoder is not None else network.trainable_params()
+        if not self.leaves:
             raise ValueError("the network has no trainable parameters: add an adapter (add_lora / add_prefix) first")
-        # Names as the network has them (a cell wrapping the network may prefix the Parameters' own).
-        self.names = [p.name for p in self.params]
+        if prefix_encoder is None:
+            # Names as the network has them (a cell wrapping the network may prefix the Parameters' own).
+            self.names, self.params = [p.name for p in self.leaves], self.leaves
+        else:
+            self.names, self.params = map(list, zip(*prefix_encoder.parameters_and_names()))
+            self.encoder_gradients = EncoderGradients(prefix_encoder)
         self.loss_network = LossNetwork(network)
-        self.grad_fn = GradStep(self.loss_network, self.params)
+        self.grad_fn = GradStep(self.loss_network, self.leaves)
         self.adamw = AdamW(self.names, optim)
+        self.scaler = None
+        if optim.loss_scale_value:
+            self.scaler = ms.amp.DynamicLossScaler(optim.loss_scale_value, optim.loss_scale_factor,
+                                                   optim.loss_scale_window)
+        self.dropouts = dropout_cells(network)
+        self.mask_shape = None
         self.step = 0
 
-    def loss_and_grads(self, batch: dict) -> tuple:
-        """(loss, {name: float32 grad}) of one micro-batch."""
+    def _micro_step(self, batch: dict) -> tuple:
+        """(loss, unscaled float32 leaf gradients, whether they are all finite) of one micro-batch."""
         inputs = network_inputs(batch, prefix_length(self.network))
-        loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)))
-        return float(loss.asnumpy()), {n: g.asnumpy().astype(np.float32) for n, g in zip(self.names, grads)}
+        scale = Tensor(1.0 if self.scaler is None else float(self.scaler.scale_value.asnumpy()), ms.float32)
+        # Always in training mode (dropout on): the compiled step keeps the mode it first compiled in.
+        self.network.set_train(True)
+        try:
+            loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)), scale)
+        finally:
+            self.network.set_train(False)
+        finite = True
+        if self.scaler is not None:
+            grads = self.scaler.unscale(grads)
+            finite = bool(ms.amp.all_finite(grads).asnumpy())
+        # float32 on the device first: numpy has no bfloat16
+        return float(loss.asnumpy()), [g.astype(ms.float32).asnumpy() for g in grads], finite
+
+    def _param_grads(self, leaf_grads: list) -> dict:
+        """{name: float32 grad} of the optimized parameters from the leaves' (numpy) gradients."""
+        if self.encoder is not None:
+            leaf_grads = self.encoder_gradients.of(leaf_grads)
+        return dict(zip(self.names, leaf_grads))
+
+    def loss_and_grads(self, batch: dict) -> tuple:
+        """(loss, {name: float32 grad}) of one micro-batch (training mode, the dropout masks as last drawn)."""
+        loss, grads, _ = self._micro_step(batch)
+        return loss, self._param_grads(grads)
+
+    def _draw_masks(self, batch: dict, micro: int) -> None:
+        if not self.dropouts:
+            return
+        shape = batch["input_ids"].shape
+        if self.mask_shape not in (None, shape):
+            raise ValueError(f"dropout needs every training micro-batch of one shape (a compiled step reads "
+                             f"masks of {self.mask_shape}, this batch is {shape}): pad batches to one length")
+        self.mask_shape = shape
+        draw_dropout_masks(self.dropouts, shape[0], shape[1], self.seed, self.step, micro)
 
     def train_step(self, micro_batches: list) -> dict:
-        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens"}."""
-        self.network.set_train(True)
-        total, losses, tokens = None, [], 0
-        for batch in micro_batches:
-            loss, grads = self.loss_and_grads(batch)
+        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens", "skipped"}.
+        With loss scaling a step whose gradients overflow changes no parameter ("skipped")."""
+        total, losses, tokens, finite = None, [], 0, True
+        for micro, batch in enumerate(micro_batches):
+            self._draw_masks(batch, micro)
+            loss, grads, ok = self._micro_step(batch)
             losses.append(loss)
             tokens += int(batch["key_valid"].sum())
-            total = grads if total is None else {n: total[n] + grads[n] for n in total}
-        scale = np.float32(1.0 / len(micro_batches))
-        total = {n: g * scale for n, g in total.items()}
-        norm = clip_by_global_norm(total, self.optim.max_grad_norm)
+            finite = finite and ok
+            if finite:
+                total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        if self.scaler is not None:
+            self.scaler.adjust(Tensor(finite))
         lr = learning_rate(self.optim, self.step, self.total_steps)
-        values = {n: p.asnumpy().astype(np.float32) for n, p in zip(self.names, self.params)}
+        self.step += 1      # a skipped step still moves the schedule and the data on (torch's GradScaler too)
+        result = {"loss": float(np.mean(losses)), "lr": lr, "tokens": tokens, "skipped": not finite,
+                  "grad_norm": float("nan")}
+        if not finite:
+            return result
+        scale = np.float32(1.0 / len(micro_batches))
+        total = self._param_grads([g * scale for g in total])
+        result["grad_norm"] = clip_by_global_norm(total, self.optim.max_grad_norm)
+        values = {n: p.astype(ms.float32).asnumpy() for n, p in zip(self.names, self.params)}
         self.adamw.update(values, total, lr)
         for n, p in zip(self.names, self.params):
             ops.assign(p, Tensor(values[n], p.dtype))
-        self.step += 1
-        self.network.set_train(False)
-        return {"loss": float(np.mean(losses)), "lr": lr, "grad_norm": norm, "tokens": tokens}
+        if self.encoder is not None:
+            write_prefixes(self.network, self.encoder)
+        return result
+
+    def state(self) -> dict:
+        """Everything besides the adapter weights a resume needs, as named numpy arrays."""
+        adam = self.adamw.state()
+        arrays = {"step": np.array(self.step), "adam_step": np.array(adam["step"])}
+        for i, name in enumerate(self.names):
+            if name in adam["exp_avg"]:
+                arrays[f"m{i}"], arrays[f"v{i}"] = adam["exp_avg"][name], adam["exp_avg_sq"][name]
+        if self.scaler is not None:
+            arrays["loss_scale"] = self.scaler.scale_value.asnumpy()
+            arrays["loss_scale_counter"] = self.scaler.counter.asnumpy()
+        return arrays
+
+    def load_state(self, arrays) -> None:
+        """Restore `state()`'s arrays (the adapter weights are restored separately)."""
+        self.step = int(arrays["step"])
+        moments = {"step": int(arrays["adam_step"]), "exp_avg": {}, "exp_avg_sq": {}}
+        for i, name in enumerate(self.names):
+            if f"m{i}" in arrays:
+                moments["exp_avg"][name], moments["exp_avg_sq"][name] = arrays[f"m{i}"], arrays[f"v{i}"]
+        self.adamw.load_state(moments)
+        if self.scaler is not None and "loss_scale" in arrays:
+            ops.assign(self.scaler.scale_value, Tensor(arrays["loss_scale"], ms.float32))
+            ops.assign(self.scaler.counter, Tensor(arrays["loss_scale_counter"], ms.int32))
 
     def evaluate(self, batches: list) -> float:
         """Mean loss over `batches` (eval mode: no dropout)."""
