@@ -1,5 +1,6 @@
 """Tensor parallelism over 2 CPU workers launched by msrun, against the single process and the
-golden fixtures: every family, with the KV cache, stored int8 / int4 and int8 quantized on load.
+golden fixtures: every family, with the KV cache, stored int8 / int4, int8 quantized on load and
+peft LoRA adapters (merged and unmerged).
 
 One msrun launch serves the whole module (tests/tp_worker.py runs every case and saves its
 numbers per rank); the checks below read them. The bad-input checks need no launch.
@@ -19,9 +20,11 @@ from mindglm.config import ConfigError, GLMConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8")
+CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8", "chatglm3-lora",
+         "chatglm2-lora-unmerged")
 GOLDEN_CASES = {"chatglm": ("single", "mask"), "chatglm2": ("single", "batch"), "chatglm3": ("single", "batch"),
-                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",)}
+                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",), "chatglm3-lora": ("single",),
+                "chatglm2-lora-unmerged": ("batch",)}
 LAUNCH_TIMEOUT = 900
 
 
@@ -100,7 +103,7 @@ def test_kv_cache_holds_each_ranks_kv_heads(ranks):
 def test_unseeded_sampling_agrees_across_ranks(ranks):
     for case in CASES:
         sampled = ranks[0][f"{case}/sampled"]
-        assert sampled.shape[1] == ranks[0][f"{case}/single/whole/logits"].shape[1] + 6
+        assert sampled.shape[1] == ranks[0][f"{case}/sampled_from"].shape[1] + 6
         np.testing.assert_array_equal(sampled, ranks[1][f"{case}/sampled"])
 
 
@@ -157,3 +160,32 @@ def test_yaml_parallel_section(tmp_path):
     path.write_text(checkpoint + "parallel:\n  tensor_parallel: 0\n")
     with pytest.raises(ConfigError, match=r"key 'parallel.tensor_parallel' must be a positive integer, got 0"):
         load_run_config(str(path))
+
+
+def test_lora_on_a_share_is_the_share_of_the_adapted_layer():
+    """Rank r's share with the adapter merged (or its slices of A and B beside it) is rank r's cut
+    of the whole adapted layer: column-parallel qkv cuts B's rows, row-parallel dense A's columns."""
+    from mindglm.adapters import apply_lora
+    from mindglm.loading import build_loaded_network
+    from mindglm.parallel.context import ParallelContext
+    case = os.path.join(HERE, "fixtures", "adapters", "lora", "chatglm3-lora")
+    config = GLMConfig.from_thudm(os.path.join(case, "base"))
+    whole, _ = build_loaded_network(config, os.path.join(case, "base"))
+    apply_lora(whole, config, os.path.join(case, "adapter"))
+    full = {p: c.weight.asnumpy() for p, c in whole.cells_and_names() if p.endswith(("qkv", "dense", "up"))}
+    for rank in (0, 1):
+        for merge in (True, False):
+            share, _ = build_loaded_network(config, os.path.join(case, "base"), ParallelContext(rank, 2, 0))
+            adapted = apply_lora(share, config, os.path.join(case, "adapter"), merge)
+            cells = dict(share.cells_and_names())
+            assert adapted == ["layers.0.attention.dense", "layers.0.attention.qkv", "layers.0.mlp.up",
+                               "layers.1.attention.dense", "layers.1.attention.qkv", "layers.1.mlp.up"]
+            for path in adapted:
+                local = cells[path].local
+                if merge:
+                    weight = local.weight.asnumpy()
+                else:   # W_r + (B_r A_r) * scaling, the LoRALinear's sum
+                    weight = local.base.weight.asnumpy() + \
+                        local.lora_b.asnumpy() @ local.lora_a.asnumpy() * np.float32(local.scaling)
+                np.testing.assert_allclose(weight, cells[path].shards["weight"].take(full[path], path),
+                                           atol=1e-6, rtol=0, err_msg=f"{path} rank {rank} merge {merge}")

@@ -24,7 +24,14 @@ CASES = {
     "chatglm-int4": ("quant/chatglm-quant/int4", None, "quant/chatglm-quant/golden_int4.npz", ("single",)),
     # fp weights quantized on load: a row-parallel shard must get its full row's scale
     "chatglm3-q8": ("models/chatglm3-tiny", "int8", None, ("single", "batch")),
+    # peft LoRA on column- (qkv, [gate | up]) and row-parallel (dense, down) layers
+    "chatglm3-lora": ("adapters/lora/chatglm3-lora/base", None, "adapters/lora/chatglm3-lora/golden.npz", ("single",)),
+    "chatglm2-lora-unmerged": ("adapters/lora/chatglm2-lora/base", None, "adapters/lora/chatglm2-lora/golden.npz",
+                               ("batch",)),
 }
+# case -> (LoRA dir, merge it into the weights)
+ADAPTERS = {"chatglm3-lora": ("adapters/lora/chatglm3-lora/adapter", True),
+            "chatglm2-lora-unmerged": ("adapters/lora/chatglm2-lora/adapter", False)}
 
 
 def run_case(mindglm, rank, case, out):
@@ -32,8 +39,11 @@ def run_case(mindglm, rank, case, out):
     path = os.path.join(FIXTURES, path)
     golden = dict(np.load(os.path.join(FIXTURES, golden_file))) if golden_file else \
         dict(np.load(os.path.join(path, "golden.npz")))
-    split = mindglm.load_model(path, quantize=quantize, tensor_parallel=2)  # msrun's scheduler process stops here
-    whole = mindglm.load_model(path, quantize=quantize, tensor_parallel=1)
+    adapter, merge = ADAPTERS.get(case, (None, True))
+    options = dict(quantize=quantize, merge_adapter=merge,
+                   adapter=adapter and os.path.join(FIXTURES, adapter))
+    split = mindglm.load_model(path, tensor_parallel=2, **options)  # msrun's scheduler process stops here
+    whole = mindglm.load_model(path, tensor_parallel=1, **options)
     for prompt in prompts:
         ids, mask = golden[f"{prompt}_input_ids"], golden.get(f"{prompt}_attention_mask")
         new = golden[f"{prompt}_generated"].shape[1] - ids.shape[1]
@@ -43,6 +53,7 @@ def run_case(mindglm, rank, case, out):
                 ids, attention_mask=mask, max_new_tokens=new, eos_token_id=-1, use_past=True)
         out[f"{case}/{prompt}/golden"] = golden[f"{prompt}_generated"]
     # sampling without a seed: every rank must draw the same tokens
+    out[f"{case}/sampled_from"] = golden["single_input_ids"]
     out[f"{case}/sampled"] = split.generate(golden["single_input_ids"], max_new_tokens=6, do_sample=True,
                                             top_k=50, eos_token_id=-1)
     out[f"{case}/cache_heads"] = np.array(split.network.layers[0].attention.cache.key.shape[1])
