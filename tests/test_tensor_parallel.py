@@ -61,11 +61,19 @@ def worker_log(log_dir, rank) -> str:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def launch(tmp_path_factory):
+    """The module's one msrun launch: every tensor-parallel case, then data-parallel fine-tuning."""
     out = tmp_path_factory.mktemp("tp")
-    code, output = msrun([os.path.join(HERE, "tp_worker.py"), str(out)] + list(CASES), str(out / "logs"))
+    finetune = finetune_config(out / "dp")
+    code, output = msrun([os.path.join(HERE, "tp_worker.py"), str(out)] + list(CASES) + ["--finetune", finetune],
+                         str(out / "logs"))
     assert code == 0, output[-3000:] + worker_log(str(out / "logs"), 0)[-3000:]
-    return [dict(np.load(out / f"rank{rank}.npz")) for rank in (0, 1)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(launch):
+    return [dict(np.load(launch / f"rank{rank}.npz")) for rank in (0, 1)]
 
 
 def test_every_rank_computes_the_same(ranks):
@@ -189,3 +197,39 @@ def test_lora_on_a_share_is_the_share_of_the_adapted_layer():
                         local.lora_b.asnumpy() @ local.lora_a.asnumpy() * np.float32(local.scaling)
                 np.testing.assert_allclose(weight, cells[path].shards["weight"].take(full[path], path),
                                            atol=1e-6, rtol=0, err_msg=f"{path} rank {rank} merge {merge}")
+
+
+# ---------------------------------------------------------------------------------- data parallel
+def finetune_config(where):
+    """A LoRA run of 3 steps, one example per micro-batch, evaluated at step 2 (tests/test_finetune.py's)."""
+    from test_finetune import _config
+    where.mkdir()
+    return _config(where, "lora", max_steps=3, save_steps=0, per_device_train_batch_size=1,
+                   gradient_accumulation_steps=1)
+
+
+def adapter_arrays(run_dir):
+    from mindglm.io.sources import list_tensors
+    from mindglm.io.tensors import to_numpy
+    path = os.path.join(run_dir, "out", "checkpoint-3", "adapter", "adapter_model.safetensors")
+    return {t.name: to_numpy(t.load()) for t in list_tensors(path)}
+
+
+def test_data_parallel_finetuning_equals_one_process_with_the_same_global_batch(launch, tmp_path):
+    """2 workers x 1 micro-batch per step = one process accumulating 2: the same examples per
+    step, the same losses, the same adapter; rank 0 alone writes the log and the checkpoint."""
+    from test_finetune import _log, finetune
+    single = tmp_path / "single"
+    config = finetune_config(single)
+    assert finetune.main(["--config", config, "--set", "train.gradient_accumulation_steps=2"]) == 0
+    expected, got = _log(single), _log(launch / "dp")
+    assert [r["step"] for r in got] == [1, 2, 3] and "eval_loss" in got[1]
+    for mine, theirs in zip(got, expected):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine, theirs)
+    assert sorted(os.listdir(launch / "dp" / "out")) == ["checkpoint-3", "train_log.jsonl"]
+    trained, reference = adapter_arrays(launch / "dp"), adapter_arrays(single)
+    assert sorted(trained) == sorted(reference)
+    for name in reference:
+        np.testing.assert_allclose(trained[name], reference[name], atol=1e-5, rtol=0, err_msg=name)

@@ -4,6 +4,10 @@ to OUT/rank<r>.npz for the test to check. Nothing is asserted here: a worker tha
 exits non-zero, so the test sees every rank's numbers or one error.
 
     msrun --worker_num=2 --local_worker_num=2 --master_port=P --join=True tests/tp_worker.py OUT CASE...
+        [--finetune YAML]
+
+With --finetune, the same launch then runs tools/finetune.py on YAML data-parallel over its ranks
+(one launch for every multi-process check: msrun's start is the suite's biggest cost).
 """
 import os
 import sys
@@ -61,6 +65,10 @@ def run_case(mindglm, rank, case, out):
 
 def main():
     out_dir, cases = sys.argv[1], sys.argv[2:]
+    finetune_config = None
+    if "--finetune" in cases:
+        at = cases.index("--finetune")
+        finetune_config, cases = cases[at + 1], cases[:at] + cases[at + 2:]
     import mindspore as ms
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_device("CPU")
@@ -71,6 +79,12 @@ def main():
     for case in cases:
         run_case(mindglm, rank, case, out)
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    if finetune_config:
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+        import finetune
+        code = finetune.main(["--config", finetune_config])
+        if code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":

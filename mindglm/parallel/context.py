@@ -102,6 +102,13 @@ def init_tensor_parallel(tensor_parallel: int, start_timeout: int = DEFAULT_STAR
     return ParallelContext(get_rank(), world, shared_entropy())
 
 
+def init_data_parallel(start_timeout: int = DEFAULT_START_TIMEOUT):
+    """Join an msrun launch of 2+ workers that each hold a whole model (data-parallel training):
+    this rank's context, or None outside msrun or with one worker."""
+    world = launched_world()
+    return init_tensor_parallel(world, start_timeout) if world > 1 else None
+
+
 def shared_entropy() -> int:
     """A random 31-bit number drawn on rank 0 and broadcast to every rank."""
     from mindspore import Tensor, ops

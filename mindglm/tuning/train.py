@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import mindspore as ms
@@ -170,11 +170,40 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> float:
     return norm
 
 
-class Trainer:
-    """One optimizer step = `gradient_accumulation_steps` micro-batches of value_and_grad."""
+class DataParallel:
+    """This process's place among the msrun workers that train one model together (data
+    parallelism): each rank runs its share of a step's micro-batches and `sum` adds arrays over
+    all ranks (an AllReduce), so every rank applies the same update to the same parameters."""
 
-    def __init__(self, network, config, optim: OptimConfig, total_steps: int):
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.all_reduce = ops.AllReduce()
+
+    @property
+    def is_lead(self) -> bool:
+        """Rank 0: the one that logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    def share(self, micro_batches: list) -> list:
+        """This rank's contiguous share of a step's micro-batches (their number divides by world)."""
+        size = len(micro_batches) // self.world
+        return micro_batches[self.rank * size:(self.rank + 1) * size]
+
+    def sum(self, vector: np.ndarray) -> np.ndarray:
+        return self.all_reduce(Tensor(np.ascontiguousarray(vector, np.float32))).asnumpy()
+
+
+class Trainer:
+    """One optimizer step = `gradient_accumulation_steps` micro-batches of value_and_grad.
+
+    With `data_parallel`, this rank's micro-batches are its share of the step's: the gradient
+    and loss sums are added over the ranks before the mean, so the step is the one a single
+    process takes over all of them (the same mean of micro-batch means as its accumulation)."""
+
+    def __init__(self, network, config, optim: OptimConfig, total_steps: int,
+                 data_parallel: Optional[DataParallel] = None):
         self.network, self.config, self.optim, self.total_steps = network, config, optim, total_steps
+        self.data_parallel = data_parallel
         self.params = network.trainable_params()
         if not self.params:
             raise ValueError("the network has no trainable parameters: add an adapter (add_lora / add_prefix) first")
@@ -191,8 +220,11 @@ class Trainer:
         loss, grads = self.grad_fn(*inputs, Tensor(batch["labels"].astype(np.int32)))
         return float(loss.asnumpy()), {n: g.asnumpy().astype(np.float32) for n, g in zip(self.names, grads)}
 
-    def train_step(self, micro_batches: list) -> dict:
-        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens"}."""
+    def train_step(self, micro_batches: list, wants_stop: Optional[Callable[[], bool]] = None) -> dict:
+        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens", "stop"}.
+        `wants_stop()`, asked once the micro-batches are done: should this process stop after
+        this step? "stop" says whether any rank should (all ranks must run the same number of
+        steps, or the others wait in the AllReduce)."""
         self.network.set_train(True)
         total, losses, tokens = None, [], 0
         for batch in micro_batches:
@@ -200,7 +232,11 @@ class Trainer:
             losses.append(loss)
             tokens += int(batch["key_valid"].sum())
             total = grads if total is None else {n: total[n] + grads[n] for n in total}
-        scale = np.float32(1.0 / len(micro_batches))
+        loss_sum, count = float(np.sum(losses)), len(micro_batches)
+        stop = bool(wants_stop and wants_stop())
+        if self.data_parallel is not None:
+            total, (loss_sum, count, tokens, stop) = self._sum_over_ranks(total, loss_sum, count, tokens, stop)
+        scale = np.float32(1.0 / count)
         total = {n: g * scale for n, g in total.items()}
         norm = clip_by_global_norm(total, self.optim.max_grad_norm)
         lr = learning_rate(self.optim, self.step, self.total_steps)
@@ -210,7 +246,19 @@ class Trainer:
             ops.assign(p, Tensor(values[n], p.dtype))
         self.step += 1
         self.network.set_train(False)
-        return {"loss": float(np.mean(losses)), "lr": lr, "grad_norm": norm, "tokens": tokens}
+        return {"loss": loss_sum / count, "lr": lr, "grad_norm": norm, "tokens": tokens, "stop": bool(stop)}
+
+    def _sum_over_ranks(self, grads: dict, *scalars) -> tuple:
+        """(grads, scalars) summed over the data-parallel ranks in one AllReduce of one flat vector."""
+        flat = np.concatenate([grads[n].ravel() for n in self.names] + [np.array(scalars, np.float32)])
+        summed = self.data_parallel.sum(flat)
+        out, at = {}, 0
+        for n in self.names:
+            size = grads[n].size
+            out[n] = summed[at:at + size].reshape(grads[n].shape)
+            at += size
+        loss_sum, count, tokens, stop = (float(v) for v in summed[at:])
+        return out, (loss_sum, round(count), round(tokens), stop > 0)
 
     def evaluate(self, batches: list) -> float:
         """Mean loss over `batches` (eval mode: no dropout)."""
