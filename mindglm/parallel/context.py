@@ -99,7 +99,11 @@ def init_tensor_parallel(tensor_parallel: int, start_timeout: int = DEFAULT_STAR
     if world != tensor_parallel:
         raise ConfigError(f"tensor_parallel is {tensor_parallel} but the process group has {world} ranks: "
                           f"{launch_hint(tensor_parallel)}")
-    return ParallelContext(get_rank(), world, shared_entropy())
+    context = ParallelContext(get_rank(), world, shared_entropy())
+    # The sockets rank 0 drives front ends over, and watches every rank by (parallel/lockstep.py).
+    from mindglm.parallel.lockstep import open_channel
+    open_channel(context, start_timeout)
+    return context
 
 
 def init_data_parallel(start_timeout: int = DEFAULT_START_TIMEOUT):
