@@ -50,12 +50,15 @@ class Shard:
             raise CheckpointError(f"'{name}' has {stored} entries on axis {self.axis}, the full model has "
                                   f"{self.length}: the checkpoint and the model config disagree")
         cut = lambda at: at * stored // self.length  # noqa: E731
-        parts = [np.take(array, np.arange(cut(a), cut(b)), axis=self.axis) for a, b in self.pieces]
+        # basic slices are views: a memory-mapped tensor is read (once) only where they look
+        parts = [array[(slice(None),) * self.axis + (slice(cut(a), cut(b)),)] for a, b in self.pieces]
         if self.pad:
             shape = list(array.shape)
             shape[self.axis] = cut(self.pad)
             parts.append(np.zeros(shape, array.dtype))
-        return np.ascontiguousarray(np.concatenate(parts, axis=self.axis))
+        if len(parts) == 1:
+            return np.ascontiguousarray(parts[0])
+        return np.concatenate(parts, axis=self.axis)
 
 
 class ShardedCell(nn.Cell):
