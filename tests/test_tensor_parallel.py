@@ -1,6 +1,6 @@
 """Tensor parallelism over 2 CPU workers launched by msrun, against the single process and the
 golden fixtures: every family, with the KV cache, stored int8 / int4, int8 quantized on load and
-peft LoRA adapters (merged and unmerged).
+a peft LoRA adapter (unmerged; merged shares are checked without a launch).
 
 One msrun launch serves the whole module (tests/tp_worker.py runs every case and saves its
 numbers per rank); the checks below read them. The bad-input checks need no launch.
@@ -20,11 +20,9 @@ from mindglm.config import ConfigError, GLMConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8", "chatglm3-lora",
-         "chatglm2-lora-unmerged")
+CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8", "chatglm3-lora-unmerged")
 GOLDEN_CASES = {"chatglm": ("single", "mask"), "chatglm2": ("single", "batch"), "chatglm3": ("single", "batch"),
-                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",), "chatglm3-lora": ("single",),
-                "chatglm2-lora-unmerged": ("batch",)}
+                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",), "chatglm3-lora-unmerged": ("single",)}
 LAUNCH_TIMEOUT = 900
 
 
@@ -170,25 +168,25 @@ def test_yaml_parallel_section(tmp_path):
         load_run_config(str(path))
 
 
-def test_lora_on_a_share_is_the_share_of_the_adapted_layer():
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+def test_lora_on_a_share_is_the_share_of_the_adapted_layer(family):
     """Rank r's share with the adapter merged (or its slices of A and B beside it) is rank r's cut
-    of the whole adapted layer: column-parallel qkv cuts B's rows, row-parallel dense A's columns."""
+    of the whole adapted layer: column-parallel layers cut B's rows, row-parallel ones A's columns."""
     from mindglm.adapters import apply_lora
     from mindglm.loading import build_loaded_network
     from mindglm.parallel.context import ParallelContext
-    case = os.path.join(HERE, "fixtures", "adapters", "lora", "chatglm3-lora")
+    case = os.path.join(HERE, "fixtures", "adapters", "lora", f"{family}-lora")
     config = GLMConfig.from_thudm(os.path.join(case, "base"))
     whole, _ = build_loaded_network(config, os.path.join(case, "base"))
-    apply_lora(whole, config, os.path.join(case, "adapter"))
-    full = {p: c.weight.asnumpy() for p, c in whole.cells_and_names() if p.endswith(("qkv", "dense", "up"))}
+    targets = apply_lora(whole, config, os.path.join(case, "adapter"))
+    full = {path: cell.weight.asnumpy() for path, cell in whole.cells_and_names() if path in targets}
+    kinds = set()
     for rank in (0, 1):
         for merge in (True, False):
             share, _ = build_loaded_network(config, os.path.join(case, "base"), ParallelContext(rank, 2, 0))
-            adapted = apply_lora(share, config, os.path.join(case, "adapter"), merge)
+            assert apply_lora(share, config, os.path.join(case, "adapter"), merge) == targets
             cells = dict(share.cells_and_names())
-            assert adapted == ["layers.0.attention.dense", "layers.0.attention.qkv", "layers.0.mlp.up",
-                               "layers.1.attention.dense", "layers.1.attention.qkv", "layers.1.mlp.up"]
-            for path in adapted:
+            for path in targets:
                 local = cells[path].local
                 if merge:
                     weight = local.weight.asnumpy()
@@ -197,42 +195,8 @@ def test_lora_on_a_share_is_the_share_of_the_adapted_layer():
                         local.lora_b.asnumpy() @ local.lora_a.asnumpy() * np.float32(local.scaling)
                 np.testing.assert_allclose(weight, cells[path].shards["weight"].take(full[path], path),
                                            atol=1e-6, rtol=0, err_msg=f"{path} rank {rank} merge {merge}")
-
-
-# ---------------------------------------------------------------------------------- data parallel
-def finetune_config(where):
-    """A LoRA run of 3 steps, one example per micro-batch, evaluated at step 2 (tests/test_finetune.py's)."""
-    from test_finetune import _config
-    where.mkdir()
-    return _config(where, "lora", max_steps=3, save_steps=0, per_device_train_batch_size=1,
-                   gradient_accumulation_steps=1)
-
-
-def adapter_arrays(run_dir):
-    from mindglm.io.sources import list_tensors
-    from mindglm.io.tensors import to_numpy
-    path = os.path.join(run_dir, "out", "checkpoint-3", "adapter", "adapter_model.safetensors")
-    return {t.name: to_numpy(t.load()) for t in list_tensors(path)}
-
-
-def test_data_parallel_finetuning_equals_one_process_with_the_same_global_batch(launch, tmp_path):
-    """2 workers x 1 micro-batch per step = one process accumulating 2: the same examples per
-    step, the same losses, the same adapter; rank 0 alone writes the log and the checkpoint."""
-    from test_finetune import _log, finetune
-    single = tmp_path / "single"
-    config = finetune_config(single)
-    assert finetune.main(["--config", config, "--set", "train.gradient_accumulation_steps=2"]) == 0
-    expected, got = _log(single), _log(launch / "dp")
-    assert [r["step"] for r in got] == [1, 2, 3] and "eval_loss" in got[1]
-    for mine, theirs in zip(got, expected):
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine, theirs)
-    assert sorted(os.listdir(launch / "dp" / "out")) == ["checkpoint-3", "train_log.jsonl"]
-    trained, reference = adapter_arrays(launch / "dp"), adapter_arrays(single)
-    assert sorted(trained) == sorted(reference)
-    for name in reference:
-        np.testing.assert_allclose(trained[name], reference[name], atol=1e-5, rtol=0, err_msg=name)
+                kinds.add(type(cells[path]).__name__)
+    assert "ColumnParallelLinear" in kinds and (family == "chatglm" or "RowParallelLinear" in kinds)
 
 
 def test_a_share_from_safetensors_is_read_memory_mapped(tmp_path):

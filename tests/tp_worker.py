@@ -28,14 +28,14 @@ CASES = {
     "chatglm-int4": ("quant/chatglm-quant/int4", None, "quant/chatglm-quant/golden_int4.npz", ("single",)),
     # fp weights quantized on load: a row-parallel shard must get its full row's scale
     "chatglm3-q8": ("models/chatglm3-tiny", "int8", None, ("single", "batch")),
-    # peft LoRA on column- (qkv, [gate | up]) and row-parallel (dense, down) layers
-    "chatglm3-lora": ("adapters/lora/chatglm3-lora/base", None, "adapters/lora/chatglm3-lora/golden.npz", ("single",)),
-    "chatglm2-lora-unmerged": ("adapters/lora/chatglm2-lora/base", None, "adapters/lora/chatglm2-lora/golden.npz",
-                               ("batch",)),
+    # peft LoRA kept beside column- (qkv, [gate | up]) and row-parallel (dense) layers: the new
+    # computation (merged, a share's weights are the share of the merged ones, which
+    # test_lora_on_a_share_is_the_share_of_the_adapted_layer checks without a launch)
+    "chatglm3-lora-unmerged": ("adapters/lora/chatglm3-lora/base", None, "adapters/lora/chatglm3-lora/golden.npz",
+                               ("single",)),
 }
 # case -> (LoRA dir, merge it into the weights)
-ADAPTERS = {"chatglm3-lora": ("adapters/lora/chatglm3-lora/adapter", True),
-            "chatglm2-lora-unmerged": ("adapters/lora/chatglm2-lora/adapter", False)}
+ADAPTERS = {"chatglm3-lora-unmerged": ("adapters/lora/chatglm3-lora/adapter", False)}
 
 
 def run_case(mindglm, rank, case, out):
