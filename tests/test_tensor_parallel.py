@@ -233,3 +233,39 @@ def test_a_share_from_safetensors_is_read_memory_mapped(tmp_path):
                 np.testing.assert_array_equal(param.asnumpy(), bin_params[name], err_msg=f"{name} rank {rank}")
     finally:
         LazyTensor.mapped = original
+
+
+# ---------------------------------------------------------------------------------- data parallel
+def finetune_config(where):
+    """A LoRA run of 3 updates, one example per micro-batch, evaluated at step 2 (tests/test_finetune.py's)."""
+    from test_finetune import _config
+    where.mkdir()
+    return _config(where, "lora", max_steps=3, save_steps=0, warmup_steps=0, per_device_train_batch_size=1,
+                   gradient_accumulation_steps=1)
+
+
+def adapter_arrays(run_dir):
+    from mindglm.io.sources import list_tensors
+    from mindglm.io.tensors import to_numpy
+    path = os.path.join(run_dir, "out", "checkpoint-3", "adapter", "adapter_model.safetensors")
+    return {t.name: to_numpy(t.load()) for t in list_tensors(path)}
+
+
+def test_data_parallel_finetuning_equals_one_process_with_the_same_global_batch(launch, tmp_path):
+    """2 workers x 1 micro-batch per step = one process accumulating 2: the same examples per
+    step, the same losses, the same adapter; rank 0 alone writes the log and the checkpoint."""
+    from test_finetune import _log, finetune
+    single = tmp_path / "single"
+    config = finetune_config(single)
+    assert finetune.main(["--config", config, "--set", "train.gradient_accumulation_steps=2"]) == 0
+    expected, got = _log(single), _log(launch / "dp")
+    assert [r["step"] for r in got] == [1, 2, 3] and "eval_loss" in got[1]
+    for mine, theirs in zip(got, expected):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine, theirs)
+    assert sorted(os.listdir(launch / "dp" / "out")) == ["checkpoint-3", "train_log.jsonl"]
+    trained, reference = adapter_arrays(launch / "dp"), adapter_arrays(single)
+    assert sorted(trained) == sorted(reference)
+    for name in reference:
+        np.testing.assert_allclose(trained[name], reference[name], atol=1e-5, rtol=0, err_msg=name)
