@@ -157,6 +157,14 @@ def test_world_size_must_equal_tensor_parallel(monkeypatch):
         mindglm.load_model(os.path.join(HERE, "fixtures", "models", "chatglm2-tiny"), tensor_parallel=2)
 
 
+def test_ptuning_with_tensor_parallel_is_one_clear_error():
+    import mindglm
+    case = os.path.join(HERE, "fixtures", "adapters", "ptuning", "chatglm2-ptuning")
+    with pytest.raises(ConfigError, match=r"P-Tuning prefixes are not split across ranks; run a P-Tuning model "
+                                          r"with tensor_parallel 1"):
+        mindglm.load_model(os.path.join(case, "base"), adapter=os.path.join(case, "prefix"), tensor_parallel=2)
+
+
 def test_yaml_parallel_section(tmp_path):
     from mindglm.yaml_config import load_run_config
     path = tmp_path / "run.yaml"
