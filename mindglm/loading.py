@@ -187,6 +187,9 @@ def build_loaded_network(config: GLMConfig, source: Optional[str], parallel=None
     network = build_rewritten_network(config, parallel)
     # Float weights of an int layer are quantized in the stream, from whole rows, before any
     # rank slices them: a row-parallel shard gets the scale of the full row, as one process does.
-    tensors = conversion.stream(bits=config.quantization_bit, quantize_output=config.quantize_output)
+    # A rank takes the other tensors memory-mapped where the file allows, so it reads only the
+    # slices it keeps (and the replicated tensors) instead of every full tensor.
+    tensors = conversion.stream(bits=config.quantization_bit, quantize_output=config.quantize_output,
+                                mapped=parallel is not None)
     load_weights(network, ((name, to_numpy(array)) for name, array in tensors), source)
     return network, config

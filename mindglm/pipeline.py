@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from mindglm import chat
-from mindglm.adapters import apply_adapter
+from mindglm.adapters import adapter_kind, apply_adapter
 from mindglm.adapters.prefix import prefix_length, shift_mask_inputs
 from mindglm.models.layers import mask_inputs
 from mindglm.config import DTYPES, ConfigError, GLMConfig
@@ -241,9 +241,9 @@ def build_model(config: GLMConfig, source: Optional[str], generation: Optional[G
     rank builds and loads only its share."""
     context = None
     if parallel is not None and parallel.tensor_parallel > 1:
-        if adapter is not None:
-            raise ConfigError("adapters are not sharded yet: merge the adapter first (`tools/finetune.py "
-                              "--merge`) and load the merged checkpoint with tensor_parallel")
+        if adapter is not None and adapter_kind(os.path.abspath(os.path.expanduser(adapter))) != "lora":
+            raise ConfigError(f"adapter {adapter}: P-Tuning prefixes are not split across ranks; run a P-Tuning "
+                              "model with tensor_parallel 1 (LoRA adapters do load with tensor_parallel)")
         from mindglm.parallel.context import init_tensor_parallel
         from mindglm.parallel.sharding import check_tensor_parallel
         check_tensor_parallel(config, parallel.tensor_parallel)   # before any rank waits on another

@@ -1,5 +1,6 @@
 """Tensor parallelism over 2 CPU workers launched by msrun, against the single process and the
-golden fixtures: every family, with the KV cache, stored int8 / int4 and int8 quantized on load.
+golden fixtures: every family, with the KV cache, stored int8 / int4, int8 quantized on load and
+a peft LoRA adapter (unmerged; merged shares are checked without a launch).
 
 One msrun launch serves the whole module (tests/tp_worker.py runs every case and saves its
 numbers per rank); the checks below read them. The bad-input checks need no launch.
@@ -19,9 +20,9 @@ from mindglm.config import ConfigError, GLMConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8")
+CASES = ("chatglm", "chatglm2", "chatglm3", "chatglm2-int8", "chatglm-int4", "chatglm3-q8", "chatglm3-lora-unmerged")
 GOLDEN_CASES = {"chatglm": ("single", "mask"), "chatglm2": ("single", "batch"), "chatglm3": ("single", "batch"),
-                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",)}
+                "chatglm2-int8": ("single", "batch"), "chatglm-int4": ("single",), "chatglm3-lora-unmerged": ("single",)}
 LAUNCH_TIMEOUT = 900
 
 
@@ -58,11 +59,19 @@ def worker_log(log_dir, rank) -> str:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def launch(tmp_path_factory):
+    """The module's one msrun launch: every tensor-parallel case, then data-parallel fine-tuning."""
     out = tmp_path_factory.mktemp("tp")
-    code, output = msrun([os.path.join(HERE, "tp_worker.py"), str(out)] + list(CASES), str(out / "logs"))
+    finetune = finetune_config(out / "dp")
+    code, output = msrun([os.path.join(HERE, "tp_worker.py"), str(out)] + list(CASES) + ["--finetune", finetune],
+                         str(out / "logs"))
     assert code == 0, output[-3000:] + worker_log(str(out / "logs"), 0)[-3000:]
-    return [dict(np.load(out / f"rank{rank}.npz")) for rank in (0, 1)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(launch):
+    return [dict(np.load(launch / f"rank{rank}.npz")) for rank in (0, 1)]
 
 
 def test_every_rank_computes_the_same(ranks):
@@ -100,7 +109,7 @@ def test_kv_cache_holds_each_ranks_kv_heads(ranks):
 def test_unseeded_sampling_agrees_across_ranks(ranks):
     for case in CASES:
         sampled = ranks[0][f"{case}/sampled"]
-        assert sampled.shape[1] == ranks[0][f"{case}/single/whole/logits"].shape[1] + 6
+        assert sampled.shape[1] == ranks[0][f"{case}/sampled_from"].shape[1] + 6
         np.testing.assert_array_equal(sampled, ranks[1][f"{case}/sampled"])
 
 
@@ -148,6 +157,14 @@ def test_world_size_must_equal_tensor_parallel(monkeypatch):
         mindglm.load_model(os.path.join(HERE, "fixtures", "models", "chatglm2-tiny"), tensor_parallel=2)
 
 
+def test_ptuning_with_tensor_parallel_is_one_clear_error():
+    import mindglm
+    case = os.path.join(HERE, "fixtures", "adapters", "ptuning", "chatglm2-ptuning")
+    with pytest.raises(ConfigError, match=r"P-Tuning prefixes are not split across ranks; run a P-Tuning model "
+                                          r"with tensor_parallel 1"):
+        mindglm.load_model(os.path.join(case, "base"), adapter=os.path.join(case, "prefix"), tensor_parallel=2)
+
+
 def test_yaml_parallel_section(tmp_path):
     from mindglm.yaml_config import load_run_config
     path = tmp_path / "run.yaml"
@@ -157,3 +174,106 @@ def test_yaml_parallel_section(tmp_path):
     path.write_text(checkpoint + "parallel:\n  tensor_parallel: 0\n")
     with pytest.raises(ConfigError, match=r"key 'parallel.tensor_parallel' must be a positive integer, got 0"):
         load_run_config(str(path))
+
+
+@pytest.mark.parametrize("family", ["chatglm", "chatglm2", "chatglm3"])
+def test_lora_on_a_share_is_the_share_of_the_adapted_layer(family):
+    """Rank r's share with the adapter merged (or its slices of A and B beside it) is rank r's cut
+    of the whole adapted layer: column-parallel layers cut B's rows, row-parallel ones A's columns."""
+    from mindglm.adapters import apply_lora
+    from mindglm.loading import build_loaded_network
+    from mindglm.parallel.context import ParallelContext
+    case = os.path.join(HERE, "fixtures", "adapters", "lora", f"{family}-lora")
+    config = GLMConfig.from_thudm(os.path.join(case, "base"))
+    whole, _ = build_loaded_network(config, os.path.join(case, "base"))
+    targets = apply_lora(whole, config, os.path.join(case, "adapter"))
+    full = {path: cell.weight.asnumpy() for path, cell in whole.cells_and_names() if path in targets}
+    kinds = set()
+    for rank in (0, 1):
+        for merge in (True, False):
+            share, _ = build_loaded_network(config, os.path.join(case, "base"), ParallelContext(rank, 2, 0))
+            assert apply_lora(share, config, os.path.join(case, "adapter"), merge) == targets
+            cells = dict(share.cells_and_names())
+            for path in targets:
+                local = cells[path].local
+                if merge:
+                    weight = local.weight.asnumpy()
+                else:   # W_r + (B_r A_r) * scaling, the LoRALinear's sum
+                    weight = local.base.weight.asnumpy() + \
+                        local.lora_b.asnumpy() @ local.lora_a.asnumpy() * np.float32(local.scaling)
+                np.testing.assert_allclose(weight, cells[path].shards["weight"].take(full[path], path),
+                                           atol=1e-6, rtol=0, err_msg=f"{path} rank {rank} merge {merge}")
+                kinds.add(type(cells[path]).__name__)
+    assert "ColumnParallelLinear" in kinds and (family == "chatglm" or "RowParallelLinear" in kinds)
+
+
+def test_a_share_from_safetensors_is_read_memory_mapped(tmp_path):
+    """A rank loading from a .safetensors model maps each tensor (reading only what it keeps) and
+    gets the same share as from the .bin shards, which it reads whole."""
+    from mindglm.io.safetensors_io import write_safetensors
+    from mindglm.io.sources import list_tensors
+    from mindglm.io.tensors import LazyTensor
+    from mindglm.loading import build_loaded_network
+    from mindglm.parallel.context import ParallelContext
+    source = os.path.join(HERE, "fixtures", "models", "chatglm2-tiny")
+    tensors = list_tensors(source)
+    write_safetensors(str(tmp_path / "model.safetensors"), [(t.name, t.shape, t.dtype.name) for t in tensors],
+                      (t.load() for t in tensors))
+    shutil.copy(os.path.join(source, "config.json"), tmp_path)
+    config = GLMConfig.from_thudm(source)
+    mapped = []
+    original = LazyTensor.mapped
+
+    def counting(self):
+        mapped.append(self.name)
+        return original(self)
+    LazyTensor.mapped = counting
+    try:
+        for rank in (0, 1):
+            context = ParallelContext(rank, 2, 0)
+            from_bin, _ = build_loaded_network(config, source, context)
+            del mapped[:]
+            from_safetensors, _ = build_loaded_network(config, str(tmp_path), context)
+            # every tensor but the rotary buffer mindglm recomputes
+            assert sorted(mapped) == sorted(t.name for t in tensors if not t.name.endswith("rotary_pos_emb.inv_freq"))
+            bin_params = {name: p.asnumpy() for name, p in from_bin.parameters_and_names()}
+            for name, param in from_safetensors.parameters_and_names():
+                np.testing.assert_array_equal(param.asnumpy(), bin_params[name], err_msg=f"{name} rank {rank}")
+    finally:
+        LazyTensor.mapped = original
+
+
+# ---------------------------------------------------------------------------------- data parallel
+def finetune_config(where):
+    """A LoRA run of 3 updates, one example per micro-batch, evaluated at step 2 (tests/test_finetune.py's)."""
+    from test_finetune import _config
+    where.mkdir()
+    return _config(where, "lora", max_steps=3, save_steps=0, warmup_steps=0, per_device_train_batch_size=1,
+                   gradient_accumulation_steps=1)
+
+
+def adapter_arrays(run_dir):
+    from mindglm.io.sources import list_tensors
+    from mindglm.io.tensors import to_numpy
+    path = os.path.join(run_dir, "out", "checkpoint-3", "adapter", "adapter_model.safetensors")
+    return {t.name: to_numpy(t.load()) for t in list_tensors(path)}
+
+
+def test_data_parallel_finetuning_equals_one_process_with_the_same_global_batch(launch, tmp_path):
+    """2 workers x 1 micro-batch per step = one process accumulating 2: the same examples per
+    step, the same losses, the same adapter; rank 0 alone writes the log and the checkpoint."""
+    from test_finetune import _log, finetune
+    single = tmp_path / "single"
+    config = finetune_config(single)
+    assert finetune.main(["--config", config, "--set", "train.gradient_accumulation_steps=2"]) == 0
+    expected, got = _log(single), _log(launch / "dp")
+    assert [r["step"] for r in got] == [1, 2, 3] and "eval_loss" in got[1]
+    for mine, theirs in zip(got, expected):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (mine, theirs)
+    assert sorted(os.listdir(launch / "dp" / "out")) == ["checkpoint-3", "train_log.jsonl"]
+    trained, reference = adapter_arrays(launch / "dp"), adapter_arrays(single)
+    assert sorted(trained) == sorted(reference)
+    for name in reference:
+        np.testing.assert_allclose(trained[name], reference[name], atol=1e-5, rtol=0, err_msg=name)

@@ -1,5 +1,6 @@
 """The front ends under msrun with tensor_parallel 2 (rank 0 does the file / console work, rank
-1 follows its engine), and a rank that dies: one clear error on rank 0, no worker left behind."""
+1 follows its engine), and a rank that dies, under a front end or in a plain SPMD script: one
+clear error on rank 0, no worker left behind."""
 import json
 import os
 import time
@@ -45,11 +46,16 @@ def test_run_chat_under_msrun_replies_on_rank_0(tmp_path):
     assert first["response"] not in worker_log(str(tmp_path / "logs"), 1)
 
 
-def test_a_rank_that_dies_is_one_error_on_rank_0(tmp_path):
+@pytest.mark.parametrize("script", ["front_end", "spmd"])
+def test_a_rank_that_dies_is_one_error_on_rank_0(tmp_path, script):
     start = time.monotonic()
-    code, output = msrun([os.path.join(HERE, "tp_dies.py")], str(tmp_path / "logs"), timeout=300)
+    # MS_NODE_TIMEOUT: msrun's scheduler waits that long (30 s by default) for the ranks rank 0
+    # stopped before it ends the launch; the error itself comes at once
+    code, output = msrun([os.path.join(HERE, "tp_dies.py"), script], str(tmp_path / "logs"), timeout=300,
+                         env={"MS_NODE_TIMEOUT": "6"})
     assert code != 0
     lead = worker_log(str(tmp_path / "logs"), 0)
     assert lead.count("error: rank 1 of 2 failed: it stopped without a word (killed?)") == 1, lead[-2000:]
+    assert "rank 1's own log (worker_1.log in msrun's --log_dir) says why" in lead
     assert "finished" not in lead
     assert time.monotonic() - start < 300

@@ -1,6 +1,9 @@
-"""An msrun worker for tests/test_tp_front_ends.py: rank 0 drives generation through
-run_front_end while rank 1 follows, and rank 1 is killed (SIGKILL) at its third step. Rank 0 must
-say so once and stop; msrun must end the launch."""
+"""An msrun worker for tests/test_tp_front_ends.py: both ranks generate, and rank 1 is killed
+(SIGKILL) at its third engine step. Rank 0 must say so once and stop; msrun must end the launch.
+
+    tp_dies.py front_end   # rank 0 drives generation through run_front_end, rank 1 follows it
+    tp_dies.py spmd        # a plain SPMD script: every rank calls generate itself
+"""
 import os
 import signal
 import sys
@@ -26,7 +29,13 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return execute(plan)
         runner.execute = dying
-    run_front_end(model, lambda: model.generate(np.arange(5, 15)[None], max_new_tokens=20, eos_token_id=-1))
+
+    def generate():
+        return model.generate(np.arange(5, 15)[None], max_new_tokens=20, eos_token_id=-1)
+    if sys.argv[1] == "spmd":
+        generate()
+    else:
+        run_front_end(model, generate)
     print("rank", model.parallel.rank, "finished", flush=True)
 
 

@@ -3,16 +3,24 @@
     python tools/finetune.py --config configs/glm2/finetune_lora.yaml [--set train.max_steps=10]
     python tools/finetune.py --config ... --resume            # continue from the last checkpoint
     python tools/finetune.py --config ... --merge OUT.ckpt --adapter DIR [--to-hf]
+    msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True tools/finetune.py --config ...
 
 Checkpoints `output_dir/checkpoint-N/` hold the adapter (LoRA: peft's format; P-Tuning: THUDM's),
 loadable with `--adapter`, plus `trainer_state.npz` (optimizer moments, step, loss scale):
 `--resume` continues exactly. Ctrl-C saves a checkpoint after the current step and exits.
 The data order is a function of (seed, epoch) only, so the step number is the data position,
 and dropout masks are drawn from (seed, step, micro-batch): a resumed run equals an uninterrupted one.
+
+Under msrun the N workers train one model data-parallel: a step takes per_device_train_batch_size
+x gradient_accumulation_steps x N examples, each rank runs its N-th of the micro-batches, and the
+gradients are all-reduced before the update — the step one process takes with
+gradient_accumulation_steps x N (the same examples, the same mean of micro-batch means), so the
+loss curve and the adapter are the same. Rank 0 logs, evaluates and writes the checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -42,14 +50,21 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------- pieces
 def build(cfg):
-    """(model, tokenizer, run config, prefix encoder or None) with a fresh adapter added."""
+    """(model, tokenizer, run config, prefix encoder or None, DataParallel or None) with a fresh
+    adapter added; under an msrun launch of 2+ workers this process joins it as a data-parallel rank."""
     from mindglm.adapters.lora import add_lora
     from mindglm.adapters.prefix import add_prefix
+    from mindglm.parallel.context import init_data_parallel
     from mindglm.pipeline import load_run_model
+    from mindglm.tuning.train import DataParallel
     from mindglm.yaml_config import load_run_config
     run = load_run_config(cfg.model)
     if run.adapter:
         raise ConfigError(f"{cfg.model}: the base model's run config has an adapter; train on the plain base")
+    if run.parallel.tensor_parallel > 1:
+        raise ConfigError(f"{cfg.model}: parallel.tensor_parallel is {run.parallel.tensor_parallel}; fine-tuning "
+                          "splits the data, not the model: set it to 1 and launch the workers with msrun")
+    context = init_data_parallel(run.parallel.start_timeout)   # msrun's scheduler process stops here
     model = load_run_model(run)
     encoder = None
     if cfg.method == "lora":
@@ -59,7 +74,7 @@ def build(cfg):
     else:
         encoder = add_prefix(model.network, model.config, cfg.ptuning.pre_seq_len, seed=cfg.train.seed,
                              dropout=cfg.ptuning.prefix_dropout, projection=cfg.ptuning.prefix_projection)
-    return model, run.load_tokenizer(), run, encoder
+    return model, run.load_tokenizer(), run, encoder, context and DataParallel(context.rank, context.world)
 
 
 def batches_for_step(examples, step: int, batch_size: int, accumulation: int, seed: int) -> list:
@@ -164,12 +179,15 @@ def train(args, cfg) -> int:
     from mindglm.interrupts import InterruptFlag
     from mindglm.tuning.data import read_examples
     from mindglm.tuning.train import Trainer, collate
-    model, tokenizer, run, encoder = build(cfg)
+    model, tokenizer, run, encoder, data_parallel = build(cfg)
+    world = 1 if data_parallel is None else data_parallel.world
+    lead = data_parallel is None or data_parallel.is_lead
     family = model.config.family
     examples = read_examples(cfg.train_file, tokenizer, family, cfg.data)
     validation = read_examples(cfg.validation_file, tokenizer, family, cfg.data) if cfg.validation_file else []
     t = cfg.train
-    trainer = Trainer(model.network, model.config, t, t.max_steps, prefix_encoder=encoder, seed=t.seed)
+    trainer = Trainer(model.network, model.config, t, t.max_steps, prefix_encoder=encoder, seed=t.seed,
+                      data_parallel=data_parallel)
     base_dir = run.checkpoint if os.path.isdir(run.checkpoint) else os.path.dirname(run.checkpoint)
     base_json_path = os.path.join(base_dir, "config.json")
     base_json = json.load(open(base_json_path)) if os.path.isfile(base_json_path) else {}
@@ -180,19 +198,24 @@ def train(args, cfg) -> int:
         if last is None:
             raise ConfigError(f"--resume: no checkpoint-N in {t.output_dir}")
         restore(last, model, trainer, cfg.method)
-        print(f"resumed from {last} at step {trainer.step}", file=sys.stderr)
+        if lead:
+            print(f"resumed from {last} at step {trainer.step}", file=sys.stderr)
     # Pad every batch to one length: one compiled graph for the whole run.
     pad_to = max(len(e.input_ids) for e in examples + validation)
     flag = InterruptFlag("\ninterrupt: saving a checkpoint after this step (again to abort)\n")
     previous = signal.signal(signal.SIGINT, flag)
-    started, tokens = time.time(), 0
+    started, tokens, stop = time.time(), 0, False
     try:
-        with open(log_path, "a", encoding="utf-8") as log:
-            while trainer.step < t.max_steps and not flag.requested:
-                micro = [collate(b, model.config, pad_to) for b in batches_for_step(
-                    examples, trainer.step, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.seed)]
-                result = trainer.train_step(micro)
-                tokens += result["tokens"]
+        with open(log_path, "a", encoding="utf-8") if lead else contextlib.nullcontext() as log:
+            while trainer.step < t.max_steps and not stop:
+                batches = batches_for_step(examples, trainer.step, t.per_device_train_batch_size,
+                                           t.gradient_accumulation_steps * world, t.seed)
+                if data_parallel is not None:
+                    batches = data_parallel.share(batches)
+                result = trainer.train_step([collate(b, model.config, pad_to) for b in batches], lambda: flag.requested)
+                tokens, stop = tokens + result["tokens"], result["stop"]
+                if not lead:
+                    continue
                 record = {"step": trainer.step, "loss": result["loss"], "lr": result["lr"]}
                 if t.eval_steps and validation and trainer.step % t.eval_steps == 0:
                     record["eval_loss"] = trainer.evaluate([collate([e], model.config, pad_to) for e in validation])
@@ -206,9 +229,10 @@ def train(args, cfg) -> int:
                     save_checkpoint(cfg, model, trainer, base_json)
     finally:
         signal.signal(signal.SIGINT, previous)
-    path = save_checkpoint(cfg, model, trainer, base_json)
-    print(f"\nsaved {path}" + (" (interrupted)" if flag.requested else ""), file=sys.stderr)
-    return 130 if flag.requested else 0
+    if lead:
+        path = save_checkpoint(cfg, model, trainer, base_json)
+        print(f"\nsaved {path}" + (" (interrupted)" if stop else ""), file=sys.stderr)
+    return 130 if stop else 0
 
 
 def main(argv=None) -> int:

@@ -159,7 +159,8 @@ def merge_pair(cell: Linear, a: np.ndarray, b: np.ndarray, scaling: float) -> No
 def apply_lora(network, config, path: str, merge: bool = True) -> list:
     """Apply peft LoRA dir `path` to a loaded network: merged into float weights (the default), or
     as LoRALinear cells wrapping them (merge=False, and always for quantized layers, whose
-    integer weights cannot absorb it). Returns the adapted cell paths."""
+    integer weights cannot absorb it). A tensor-parallel network takes this rank's slices of
+    each pair. Returns the adapted cell paths."""
     lora = read_lora_config(path)
     cells = dict(network.cells_and_names())
     pairs = read_lora_pairs(path, config)
@@ -167,6 +168,11 @@ def apply_lora(network, config, path: str, merge: bool = True) -> list:
         _check_pair(path, target, cells[target], a, b, lora.r)
     for target, (a, b) in sorted(pairs.items()):
         cell = cells[target]
+        if hasattr(cell, "low_rank_factors"):
+            # one rank's share of a tensor-parallel layer (mindglm/parallel/layers.py): adapt the
+            # local layer it wraps with this rank's slices of A and B
+            a, b = cell.low_rank_factors(a, b, target)
+            target, cell = target + ".local", cell.local
         if merge and isinstance(cell, Linear):
             merge_pair(cell, a, b, lora.scaling)
             continue

@@ -219,7 +219,8 @@ def read_ckpt_entries(path: str) -> list:
     out = []
     for t in tensors:
         fill = functools.partial(read_into, path, t["chunks"], fix=_FIX)
-        lazy = LazyTensor(t["name"], t["shape"], t["dtype"], path, fill)
+        lazy = LazyTensor(t["name"], t["shape"], t["dtype"], path, fill,
+                          offset=t["chunks"][0][0] if len(t["chunks"]) == 1 else None)
         if sum(n for _, n in t["chunks"]) != lazy.nbytes:
             raise corrupt(path, f"'{t['name']}' holds {sum(n for _, n in t['chunks'])} bytes for "
                           f"{t['dtype'].name}{t['shape']}", _FIX)

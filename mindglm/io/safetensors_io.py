@@ -55,7 +55,7 @@ def read_safetensors(path: str) -> list:
         if end > data_size:
             raise corrupt(path, f"'{name}' ends at byte {data_start + end} of a {size}-byte file")
         fill = functools.partial(read_into, path, [(data_start + begin, end - begin)])
-        tensors.append(LazyTensor(name, shape, dtype, path, fill))
+        tensors.append(LazyTensor(name, shape, dtype, path, fill, offset=data_start + begin))
     return sorted(tensors, key=lambda t: header[t.name]["data_offsets"][0])
 
 

@@ -7,7 +7,7 @@ bit; `to_numpy` widens it to float32 (exactly: bits << 16) for callers outside t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -83,12 +83,24 @@ class LazyTensor:
     """A tensor known by name, shape and dtype; `load()` reads its data (one tensor in memory).
 
     `fill(out)` writes the tensor's data into `out`, a C-contiguous array of its shape and dtype.
+    `offset`: where the data starts in the file `origin` when the file holds it as one C-ordered,
+    little-endian run of bytes (safetensors always, a .ckpt tensor saved in one record); then
+    `mapped()` can stand in for `load()`.
     """
     name: str
     shape: tuple
     dtype: DType
     origin: str
     fill: Callable[[np.ndarray], None]
+    offset: Optional[int] = None
+
+    def mapped(self) -> np.ndarray:
+        """The tensor as a read-only memory map of its file (its data read only where it is used:
+        a tensor-parallel rank slicing it reads just its rows or columns), or its `load()` when
+        the file does not hold it as one run."""
+        if self.offset is None or not self.nbytes:
+            return self.load()
+        return np.memmap(self.origin, self.dtype.numpy, "r", self.offset, self.shape)
 
     @property
     def nbytes(self) -> int:

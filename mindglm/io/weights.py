@@ -86,13 +86,15 @@ class _Conversion:
         return out
 
     def stream(self, dtype: Optional[str] = None, reuse: bool = False, bits: int = 0,
-               quantize_output: bool = False) -> Iterator:
+               quantize_output: bool = False, mapped: bool = False) -> Iterator:
         """Yield (mindglm name, array cast to `dtype`) in plan order; bfloat16 stays uint16 bits.
 
         bits 8 or 4 quantizes the layers' float matrices THUDM's way (mindglm/weight_formats.py),
         each followed by its `.weight_scale` (fp16, like THUDM's, whatever `dtype` says).
         reuse=True hands out views of two reusable buffers (read, cast), each valid only until
         the next tensor: for consumers that write each array out before asking for the next.
+        mapped=True hands out a tensor the file holds as is as a read-only memory map, read only
+        where the consumer looks (a tensor-parallel rank keeping a slice).
         """
         self.check_quantize(bits)
         read_pool, cast_pool = (BufferPool(), BufferPool()) if reuse else (None, None)
@@ -100,7 +102,8 @@ class _Conversion:
         tied = {p.target for p in self.plan.tied}
         for target in self.plan.targets:
             pool = read_pool if len(target.pieces) == 1 else None  # pieces are alive together
-            arrays = [self.tensors[p.source].load(pool) for p in target.pieces]
+            arrays = [self.tensors[p.source].mapped() if mapped and len(target.pieces) == 1
+                      else self.tensors[p.source].load(pool) for p in target.pieces]
             array = build_target(target, arrays, self.config)
             del arrays
             if target.name in tied:

@@ -99,7 +99,18 @@ def init_tensor_parallel(tensor_parallel: int, start_timeout: int = DEFAULT_STAR
     if world != tensor_parallel:
         raise ConfigError(f"tensor_parallel is {tensor_parallel} but the process group has {world} ranks: "
                           f"{launch_hint(tensor_parallel)}")
-    return ParallelContext(get_rank(), world, shared_entropy())
+    context = ParallelContext(get_rank(), world, shared_entropy())
+    # The sockets rank 0 drives front ends over, and watches every rank by (parallel/lockstep.py).
+    from mindglm.parallel.lockstep import open_channel
+    open_channel(context, start_timeout)
+    return context
+
+
+def init_data_parallel(start_timeout: int = DEFAULT_START_TIMEOUT):
+    """Join an msrun launch of 2+ workers that each hold a whole model (data-parallel training):
+    this rank's context, or None outside msrun or with one worker."""
+    world = launched_world()
+    return init_tensor_parallel(world, start_timeout) if world > 1 else None
 
 
 def shared_entropy() -> int:

@@ -50,12 +50,15 @@ class Shard:
             raise CheckpointError(f"'{name}' has {stored} entries on axis {self.axis}, the full model has "
                                   f"{self.length}: the checkpoint and the model config disagree")
         cut = lambda at: at * stored // self.length  # noqa: E731
-        parts = [np.take(array, np.arange(cut(a), cut(b)), axis=self.axis) for a, b in self.pieces]
+        # basic slices are views: a memory-mapped tensor is read (once) only where they look
+        parts = [array[(slice(None),) * self.axis + (slice(cut(a), cut(b)),)] for a, b in self.pieces]
         if self.pad:
             shape = list(array.shape)
             shape[self.axis] = cut(self.pad)
             parts.append(np.zeros(shape, array.dtype))
-        return np.ascontiguousarray(np.concatenate(parts, axis=self.axis))
+        if len(parts) == 1:
+            return np.ascontiguousarray(parts[0])
+        return np.concatenate(parts, axis=self.axis)
 
 
 class ShardedCell(nn.Cell):
@@ -76,14 +79,40 @@ class ShardedCell(nn.Cell):
         return fill_parameter(self.local, local, params.get(local), part, name)
 
 
-class ColumnParallelLinear(ShardedCell):
+class ParallelLinear(ShardedCell):
+    """A linear layer's share: `in_features` / `out_features` are the full layer's (what an
+    adapter trained on the whole model is checked against); `local` holds this rank's."""
+
+    @property
+    def in_features(self) -> int:
+        shard = self.shards["weight"]
+        return shard.length if shard.axis == 1 else self.local.in_features
+
+    @property
+    def out_features(self) -> int:
+        shard = self.shards["weight"]
+        return shard.length if shard.axis == 0 else self.local.out_features
+
+    def low_rank_factors(self, a: np.ndarray, b: np.ndarray, name: str) -> tuple:
+        """This rank's (A, B) of a low-rank update B A [out, in] of the full weight (LoRA): B's
+        rows cut like the weight's rows (column-parallel), or A's columns like its columns
+        (row-parallel), the other factor whole. B_r A_r is then exactly this rank's slice of
+        B A, so merging it, or running it beside the local layer (a row-parallel one summing it
+        in the same AllReduce), gives what the whole layer gives."""
+        shard = self.shards["weight"]
+        if shard.axis == 0:
+            return a, shard.take(b, name)
+        return shard.take(a, name), b
+
+
+class ColumnParallelLinear(ParallelLinear):
     """This rank's output rows of a linear layer; no communication (the next layer takes them split)."""
 
     def construct(self, x):
         return self.local(x)
 
 
-class RowParallelLinear(ShardedCell):
+class RowParallelLinear(ParallelLinear):
     """This rank's input columns of a linear layer, the partial products summed over ranks.
 
     The bias is loaded on rank 0 only (zeros elsewhere), so the sum adds it exactly once and the
@@ -104,7 +133,7 @@ def gather_vocab(logits, all_gather, world: int, vocab_size: int):
     return stacked.transpose(1, 0, 2).reshape(tokens, world * local)[:, :vocab_size]
 
 
-class VocabParallelLinear(ShardedCell):
+class VocabParallelLinear(ParallelLinear):
     """The output layer over this rank's vocabulary rows, the logits gathered whole on every rank."""
 
     def __init__(self, local: nn.Cell, shards: dict, world: int, vocab_size: int):

@@ -14,12 +14,16 @@ the logits (gathered whole on every rank) are only sampled on rank 0.
 
 The plans travel over a TCP socket from rank 0 to each follower, not a collective: a chat waits
 on its user for as long as they like, and collectives time out when idle (MindSpore's CPU
-Broadcast fails after a few minutes; HCCL's default limit is 30 minutes). The same sockets carry
-a follower's failure back: rank 0 prints one clear error and stops the launch, instead of
-waiting forever inside a collective for a rank that is gone.
+Broadcast fails after a few minutes; HCCL's default limit is 30 minutes).
+
+The sockets are opened once per process, when the ranks join (context.init_tensor_parallel), and
+they also watch the ranks in any script, a plain SPMD one included: a follower that raises, or
+disappears without saying goodbye at exit (killed, out of memory), makes rank 0 print one error
+naming it and stop, instead of waiting inside a collective for a rank that is gone.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import socket
@@ -66,6 +70,9 @@ def _broadcast_int(value: int) -> int:
     return int(ops.Broadcast(0)((Tensor(np.array([value], np.int32)),))[0].asnumpy()[0])
 
 
+_BYE = "bye"   # a follower's last message when it exits normally
+
+
 class Channel:
     """Rank 0's sockets to the followers (on rank 0), or a follower's socket to rank 0."""
 
@@ -73,7 +80,6 @@ class Channel:
         self.context = context
         self.peers = {}                # rank -> socket (rank 0 only)
         self.sock = None               # the socket to rank 0 (followers)
-        self._closing = False
         host = os.environ.get("MS_SCHED_HOST", "127.0.0.1")
         if context.is_lead:
             server = socket.create_server(("", 0))
@@ -94,6 +100,8 @@ class Channel:
             self.sock = socket.create_connection((host, port), timeout=timeout)
             self.sock.settimeout(None)
             _send(self.sock, context.rank)
+            atexit.register(self.report, _BYE)
+            _report_uncaught_exceptions(self)
 
     # ------------------------------------------------------------------ rank 0
     def send(self, message) -> None:
@@ -106,23 +114,19 @@ class Channel:
         selector = selectors.DefaultSelector()
         for rank, peer in self.peers.items():
             selector.register(peer, selectors.EVENT_READ, rank)
-        while True:
+        while selector.get_map():
             for key, _ in selector.select():
                 message = _recv(key.fileobj)
-                if self._closing:
-                    return
+                if message == _BYE:
+                    selector.unregister(key.fileobj)
+                    continue
+                rank = key.data
                 reason = message if isinstance(message, str) else "it stopped without a word (killed?)"
-                sys.stderr.write(f"error: rank {key.data} of {self.context.world} failed: {reason}\n"
-                                 "Stopping every rank.\n")
+                sys.stderr.write(f"error: rank {rank} of {self.context.world} failed: {reason}\n"
+                                 f"Stopping every rank; rank {rank}'s own log (worker_{rank}.log in msrun's "
+                                 "--log_dir) says why: fix that and launch again.\n")
                 sys.stderr.flush()
                 os._exit(1)
-
-    def close(self) -> None:
-        self._closing = True
-        if self.context.is_lead:
-            self.send(("stop",))
-        for sock in list(self.peers.values()) + ([self.sock] if self.sock else []):
-            sock.close()
 
     # ------------------------------------------------------------------ followers
     def recv(self):
@@ -159,6 +163,28 @@ class LeadRunner:
         return self.runner.compiles
 
 
+def _report_uncaught_exceptions(channel: Channel) -> None:
+    """A follower's uncaught exception goes to rank 0 as one line (then the usual traceback here)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        channel.report(f"{kind.__name__}: {value}")
+        previous(kind, value, tb)
+    sys.excepthook = hook
+
+
+_channel: Optional[Channel] = None
+
+
+def open_channel(context, timeout: float) -> Channel:
+    """The process's one Channel to the other ranks, opened the first time (every rank calls this
+    when it joins the group, so the one collective it takes pairs up)."""
+    global _channel
+    if _channel is None:
+        _channel = Channel(context, timeout)
+    return _channel
+
+
 def follow(model, channel: Channel) -> None:
     """A follower: run rank 0's runner calls on this rank's share until rank 0 stops."""
     while True:
@@ -183,7 +209,7 @@ def reports_errors() -> bool:
     return launched_world() <= 1 or launched_rank() == 0
 
 
-def run_front_end(model, main: Callable, timeout: Optional[float] = None):
+def run_front_end(model, main: Callable):
     """Run `main()` on rank 0 with every rank's runner in lockstep; other ranks follow until
     rank 0's `main` returns (or raises). Returns main's result on rank 0, None elsewhere. Without
     tensor parallelism this is just `main()`. Only engine work is replayed (generate, chat,
@@ -192,16 +218,14 @@ def run_front_end(model, main: Callable, timeout: Optional[float] = None):
     context = model.parallel
     if context is None:
         return main()
-    from mindglm.parallel.context import DEFAULT_START_TIMEOUT
-    channel = Channel(context, timeout or DEFAULT_START_TIMEOUT)
+    if _channel is None:
+        raise RuntimeError("run_front_end: this process has not joined its ranks (load the model with "
+                           "tensor_parallel under msrun)")
     if not context.is_lead:
-        try:
-            follow(model, channel)
-        finally:
-            channel.close()
+        follow(model, _channel)
         return None
-    model.wrap_runners(lambda runner, use_past: LeadRunner(runner, channel, use_past))
+    model.wrap_runners(lambda runner, use_past: LeadRunner(runner, _channel, use_past))
     try:
         return main()
     finally:
-        channel.close()
+        _channel.send(("stop",))

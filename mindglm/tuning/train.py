@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import mindspore as ms
@@ -183,17 +183,45 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> float:
     return norm
 
 
+class DataParallel:
+    """This process's place among the msrun workers that train one model together (data
+    parallelism): each rank runs its share of a step's micro-batches and `sum` adds arrays over
+    all ranks (an AllReduce), so every rank applies the same update to the same parameters."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.all_reduce = ops.AllReduce()
+
+    @property
+    def is_lead(self) -> bool:
+        """Rank 0: the one that logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    def share(self, micro_batches: list) -> list:
+        """This rank's contiguous share of a step's micro-batches (their number divides by world)."""
+        size = len(micro_batches) // self.world
+        return micro_batches[self.rank * size:(self.rank + 1) * size]
+
+    def sum(self, vector: np.ndarray) -> np.ndarray:
+        return self.all_reduce(Tensor(np.ascontiguousarray(vector, np.float32))).asnumpy()
+
+
 class Trainer:
     """One optimizer step = `gradient_accumulation_steps` micro-batches of value_and_grad.
 
     The optimizer trains the network's trainable parameters, or, given `prefix_encoder`, the
     encoder whose output the network's per-layer prefixes are (add_prefix): their gradients are
     carried through it (`EncoderGradients`) and its new output written back after each update.
-    Dropout masks are drawn from (seed, step, micro-batch), so a resumed run repeats them."""
+    Dropout masks are drawn from (seed, step, micro-batch), so a resumed run repeats them.
+    With `data_parallel`, this rank's micro-batches are its share of the step's: the gradient
+    and loss sums are added over the ranks before the mean, so the step is the one a single
+    process takes over all of them (the same mean of micro-batch means as its accumulation,
+    the same dropout masks, the same overflow decision)."""
 
-    def __init__(self, network, config, optim: OptimConfig, total_steps: int, prefix_encoder=None, seed: int = 0):
+    def __init__(self, network, config, optim: OptimConfig, total_steps: int, prefix_encoder=None, seed: int = 0,
+                 data_parallel: Optional[DataParallel] = None):
         self.network, self.config, self.optim, self.total_steps = network, config, optim, total_steps
-        self.encoder, self.seed = prefix_encoder, seed
+        self.encoder, self.seed, self.data_parallel = prefix_encoder, seed, data_parallel
         self.leaves = prefix_leaves(network) if prefix_encoder is not None else network.trainable_params()
         if not self.leaves:
             raise ValueError("the network has no trainable parameters: add an adapter (add_lora / add_prefix) first")
@@ -252,27 +280,36 @@ class Trainer:
         self.mask_shape = shape
         draw_dropout_masks(self.dropouts, shape[0], shape[1], self.seed, self.step, micro)
 
-    def train_step(self, micro_batches: list) -> dict:
-        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens", "skipped"}.
-        With loss scaling a step whose gradients overflow changes no parameter ("skipped")."""
+    def train_step(self, micro_batches: list, wants_stop: Optional[Callable[[], bool]] = None) -> dict:
+        """Accumulate, clip, update; returns {"loss", "lr", "grad_norm", "tokens", "skipped", "stop"}.
+        With loss scaling a step whose gradients overflow changes no parameter ("skipped").
+        `wants_stop()`, asked once the micro-batches are done: should this process stop after
+        this step? "stop" says whether any rank should (all ranks must run the same number of
+        steps, or the others wait in the AllReduce)."""
         total, losses, tokens, finite = None, [], 0, True
+        # a rank's micro-batches are the step's from rank * len(share) on: their masks are those
+        first = 0 if self.data_parallel is None else self.data_parallel.rank * len(micro_batches)
         for micro, batch in enumerate(micro_batches):
-            self._draw_masks(batch, micro)
+            self._draw_masks(batch, first + micro)
             loss, grads, ok = self._micro_step(batch)
             losses.append(loss)
             tokens += int(batch["key_valid"].sum())
             finite = finite and ok
             if finite:
                 total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        loss_sum, count, stop = float(np.sum(losses)), len(micro_batches), bool(wants_stop and wants_stop())
+        if self.data_parallel is not None:
+            total, (loss_sum, count, tokens, stop, finite) = self._sum_over_ranks(
+                total, loss_sum, count, tokens, stop, finite)
         if self.scaler is not None:
             self.scaler.adjust(Tensor(finite))
         lr = learning_rate(self.optim, self.step, self.total_steps)
         self.step += 1      # a skipped step still moves the schedule and the data on (torch's GradScaler too)
-        result = {"loss": float(np.mean(losses)), "lr": lr, "tokens": tokens, "skipped": not finite,
-                  "grad_norm": float("nan")}
+        result = {"loss": loss_sum / count, "lr": lr, "tokens": tokens, "skipped": not finite,
+                  "grad_norm": float("nan"), "stop": stop}
         if not finite:
             return result
-        scale = np.float32(1.0 / len(micro_batches))
+        scale = np.float32(1.0 / count)
         total = self._param_grads([g * scale for g in total])
         result["grad_norm"] = clip_by_global_norm(total, self.optim.max_grad_norm)
         values = {n: p.astype(ms.float32).asnumpy() for n, p in zip(self.names, self.params)}
@@ -282,6 +319,21 @@ class Trainer:
         if self.encoder is not None:
             write_prefixes(self.network, self.encoder)
         return result
+
+    def _sum_over_ranks(self, leaf_grads, loss_sum, count, tokens, stop, finite) -> tuple:
+        """(leaf gradients, (loss_sum, count, tokens, stop, finite)) summed over the data-parallel
+        ranks in one AllReduce of one flat vector; a rank whose gradients overflowed sends zeros
+        and makes every rank skip the step."""
+        if leaf_grads is None or not finite:
+            leaf_grads = [np.zeros(p.shape, np.float32) for p in self.leaves]
+        scalars = [loss_sum, count, tokens, float(stop), float(not finite)]
+        summed = self.data_parallel.sum(np.concatenate([g.ravel() for g in leaf_grads] + [np.array(scalars)]))
+        out, at = [], 0
+        for g in leaf_grads:
+            out.append(summed[at:at + g.size].reshape(g.shape))
+            at += g.size
+        loss_sum, count, tokens, stop, overflowed = (float(v) for v in summed[at:])
+        return out, (loss_sum, round(count), round(tokens), stop > 0, overflowed == 0)
 
     def state(self) -> dict:
         """Everything besides the adapter weights a resume needs, as named numpy arrays."""
