@@ -207,9 +207,9 @@ def test_lora_on_a_share_is_the_share_of_the_adapted_layer(family):
     assert "ColumnParallelLinear" in kinds and (family == "chatglm" or "RowParallelLinear" in kinds)
 
 
-def test_a_share_from_safetensors_is_read_memory_mapped(tmp_path):
-    """A rank loading from a .safetensors model maps each tensor (reading only what it keeps) and
-    gets the same share as from the .bin shards, which it reads whole."""
+def test_a_share_is_read_memory_mapped_from_bin_and_safetensors(tmp_path):
+    """A rank loading from .bin shards or a .safetensors model maps each tensor (reading only what
+    it keeps) and gets the share it gets from reading every tensor whole."""
     from mindglm.io.safetensors_io import write_safetensors
     from mindglm.io.sources import list_tensors
     from mindglm.io.tensors import LazyTensor
@@ -225,20 +225,25 @@ def test_a_share_from_safetensors_is_read_memory_mapped(tmp_path):
     original = LazyTensor.mapped
 
     def counting(self):
-        mapped.append(self.name)
-        return original(self)
-    LazyTensor.mapped = counting
+        array = original(self)
+        if isinstance(array, np.memmap):
+            mapped.append(self.name)
+        return array
     try:
         for rank in (0, 1):
             context = ParallelContext(rank, 2, 0)
-            from_bin, _ = build_loaded_network(config, source, context)
-            del mapped[:]
-            from_safetensors, _ = build_loaded_network(config, str(tmp_path), context)
-            # every tensor but the rotary buffer mindglm recomputes
-            assert sorted(mapped) == sorted(t.name for t in tensors if not t.name.endswith("rotary_pos_emb.inv_freq"))
-            bin_params = {name: p.asnumpy() for name, p in from_bin.parameters_and_names()}
-            for name, param in from_safetensors.parameters_and_names():
-                np.testing.assert_array_equal(param.asnumpy(), bin_params[name], err_msg=f"{name} rank {rank}")
+            LazyTensor.mapped = LazyTensor.load
+            whole = {name: p.asnumpy() for name, p in build_loaded_network(config, source, context)[0]
+                     .parameters_and_names()}
+            LazyTensor.mapped = counting
+            for src in (source, str(tmp_path)):
+                del mapped[:]
+                network, _ = build_loaded_network(config, src, context)
+                # every tensor but the rotary buffer mindglm recomputes
+                assert sorted(mapped) == sorted(t.name for t in tensors
+                                                if not t.name.endswith("rotary_pos_emb.inv_freq")), src
+                for name, param in network.parameters_and_names():
+                    np.testing.assert_array_equal(param.asnumpy(), whole[name], err_msg=f"{name} rank {rank} {src}")
     finally:
         LazyTensor.mapped = original
 

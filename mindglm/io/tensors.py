@@ -84,7 +84,8 @@ class LazyTensor:
 
     `fill(out)` writes the tensor's data into `out`, a C-contiguous array of its shape and dtype.
     `offset`: where the data starts in the file `origin` when the file holds it as one C-ordered,
-    little-endian run of bytes (safetensors always, a .ckpt tensor saved in one record); then
+    little-endian run of bytes (safetensors always, a .ckpt tensor saved in one record, a .bin
+    tensor in a stored zip member as torch.save writes them); then
     `mapped()` can stand in for `load()`.
     """
     name: str

@@ -124,8 +124,32 @@ def read_torch_bin(path: str) -> list:
         if info is None:
             raise corrupt(path, f"storage data/{ref.storage.key} of '{name}' is missing")
         tensors.append(LazyTensor(name, ref.shape, ref.storage.dtype, path,
-                                  _Loader(path, info, ref, byteorder != "little")))
+                                  _Loader(path, info, ref, byteorder != "little"),
+                                  offset=_mappable_offset(path, info, ref, byteorder)))
     return tensors
+
+
+def _mappable_offset(path: str, info: zipfile.ZipInfo, ref: "_TensorRef", byteorder: str):
+    """Where a tensor's bytes start in the file when they lie there as one C-ordered little-endian
+    run (a stored zip member, as torch.save writes): a tensor-parallel rank then maps it and reads
+    only its slice. None otherwise (the loader reads it whole)."""
+    itemsize = ref.storage.dtype.itemsize
+    numel = int(np.prod(ref.shape, dtype=np.int64))
+    if (info.compress_type != zipfile.ZIP_STORED or byteorder != "little" or not _is_contiguous(ref.shape, ref.stride)
+            or ref.offset + numel > ref.storage.numel or ref.storage.numel * itemsize > info.file_size):
+        return None
+    return _member_data_start(path, info) + ref.offset * itemsize
+
+
+def _member_data_start(path: str, info: zipfile.ZipInfo) -> int:
+    """The file offset of a stored zip member's data (after its local header)."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != _ZIP_MAGIC:
+        raise corrupt(path, f"bad zip entry {info.filename}")
+    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
 class _Loader:
@@ -158,14 +182,7 @@ class _Loader:
             with zipfile.ZipFile(self.path) as zf:
                 flat.view(np.uint8)[:] = np.frombuffer(zf.read(info), np.uint8, nbytes, start)
             return
-        with open(self.path, "rb") as fh:
-            fh.seek(info.header_offset)
-            header = fh.read(_LOCAL_HEADER.size)
-        if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != _ZIP_MAGIC:
-            raise corrupt(self.path, f"bad zip entry {info.filename}")
-        _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-        data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        read_into(self.path, [(data_start + start, nbytes)], flat)
+        read_into(self.path, [(_member_data_start(self.path, info) + start, nbytes)], flat)
         if start == 0 and nbytes == info.file_size and zlib.crc32(flat.view(np.uint8)) != info.CRC:
             raise corrupt(self.path, f"checksum mismatch in {info.filename}")
 
