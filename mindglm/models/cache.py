@@ -4,18 +4,17 @@ place inside the compiled graph.
 One layer's keys are a flat Parameter [rows * max_len, kv_heads, head_dim] (values alike): row r
 owns slots r*max_len .. r*max_len + max_len - 1. New keys are written at a per-token slot
 mapping with one in-place ScatterUpdate along the first axis, so rows that prefill, decode or
-idle share one call; attention then gathers the slots each batch row reads (`kv_slots`). Measured here (one
-layer, fp32): the write and the gather cost about what a single-batch cache did and stay flat as
-the pool grows, while a ScatterNdUpdate on a [batch, heads, slot, dim] layout copied the whole
-cache on every write (11.7 ms at 16k slots) and reading by reshaping the whole Parameter copied
-it too (13 ms at 16k).
+idle share one call; attention then gathers the slots each batch row reads (`kv_slots`).
+Measured here (one layer, fp32): the write and the gather cost about what a single-batch cache
+did and stay flat as the pool grows, while a ScatterNdUpdate on a [batch, heads, slot, dim]
+layout copied the whole cache on every write (11.7 ms at 16k slots) and reading by reshaping
+the whole Parameter copied it too (13 ms at 16k).
 
 ChatGLM2/3 store only their `multi_query_group_num` key/value heads. Stale slots need no
 clearing: the mask only admits slots written for the row's current sequence.
 """
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
