@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -115,10 +114,6 @@ def write(root: str, config_name: str, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- run
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class LazyState(Mapping):
     """THUDM name -> torch tensor, read from the checkpoint when asked for (chatglm.cpp's
     converter takes one at a time, so a 12 GB model converts in the memory of one tensor)."""
@@ -168,13 +163,15 @@ def cpp_session(root: str, fmt: str, max_len: int):
 
 def child(root: str, engine: str, fmt: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     """One engine and format, timed in this process."""
+    from bench_generate import load_average, peak_rss_mb
+    from mindglm.config import GLMConfig
+
     max_len = prompt_len + new_tokens + 8
     if engine == "chatglm.cpp":
         ggml_file(root, FORMATS[fmt][2])          # conversion is not load time
     start = time.perf_counter()
     session = (cpp_session if engine == "chatglm.cpp" else mindglm_session)(root, fmt, max_len)
     load_s = time.perf_counter() - start
-    from mindglm.config import GLMConfig
     vocab = GLMConfig.from_thudm(os.path.join(root, "fp16")).vocab_size
     prompt = np.random.default_rng(1).integers(3, vocab, (1, prompt_len))
     session.generate(prompt, new_tokens)          # warm-up: compiles every graph the runs need
@@ -187,13 +184,14 @@ def child(root: str, engine: str, fmt: str, prompt_len: int, new_tokens: int, re
         rates.append(len(steps) / float(steps.sum()))
     return {"engine": engine, "format": fmt, "load_s": load_s, "prefill_s": min(prefill),
             "decode_tokens_per_s": max(rates), "runs_tokens_per_s": rates, "peak_rss_mb": peak_rss_mb(),
-            "load_average": [round(v, 2) for v in os.getloadavg()]}
+            "load_average": load_average()}
 
 
 def run(root: str, formats: list, engines: list, rounds: int, prompt_len: int, new_tokens: int,
         repeats: int) -> dict:
+    from bench_generate import load_average
     report = {"root": root, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
-              "load_average_start": [round(v, 2) for v in os.getloadavg()], "runs": []}
+              "load_average_start": load_average(), "runs": []}
     for _ in range(rounds):
         for fmt in formats:
             for engine in engines:
@@ -222,7 +220,7 @@ def run(root: str, formats: list, engines: list, rounds: int, prompt_len: int, n
             entry.update(decode_ratio=mg["decode_tokens_per_s"] / cpp["decode_tokens_per_s"],
                          prefill_ratio=cpp["prefill_s"] / mg["prefill_s"])
         report["targets"][fmt] = entry
-    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    report["load_average_end"] = load_average()
     return report
 
 
