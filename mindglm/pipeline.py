@@ -13,8 +13,7 @@ import numpy as np
 
 from mindglm import chat
 from mindglm.adapters import adapter_kind, apply_adapter
-from mindglm.adapters.prefix import prefix_length, shift_mask_inputs
-from mindglm.models.layers import mask_inputs
+from mindglm.adapters.prefix import prefix_length, prefixed_mask_inputs
 from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
 from mindglm.engine.model_runner import int_tensor
@@ -57,7 +56,7 @@ class GLMModel:
                               f"(seq_length {self.config.seq_length}): shorten it")
         positions, context = family_module(self.config).prepare_positions(self.config, ids, mask, position_ids)
         query_index = np.broadcast_to(np.arange(seq), (batch, seq))
-        masks = mask_inputs(*shift_mask_inputs(prefix_length(self.network), mask, query_index, context))
+        masks = prefixed_mask_inputs(prefix_length(self.network), mask, query_index, context)
         logits = self.network(*(int_tensor(a) for a in (ids, positions) + masks))
         return logits.asnumpy()
 

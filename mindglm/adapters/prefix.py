@@ -7,7 +7,7 @@ keys are chunk 2i and its values chunk 2i+1. They are concatenated to the layer'
 after rotary, so they carry no rotary and the tokens' positions do not move.
 
 Key-axis convention, one for both paths: [prefix 0..P-1 | the sequence's tokens]. Queries are
-shifted by P on it and the P prefix keys are always valid (`shift_mask_inputs`). With a KV cache
+shifted by P on it and the P prefix keys are always valid (`prefixed_mask_inputs`). With a KV cache
 the prefix fills slots [0, P) of every cache row once (`fill_prefix_slots`) and the ModelRunner
 writes a row's tokens from slot P; without one, PrefixAttention concatenates it ahead of each
 chunk's keys. The plain network is untouched: the prefix is a rewrite wrapping SelfAttention.
@@ -19,7 +19,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from mindglm.adapters.dropout import MaskedDropout
-from mindglm.models.layers import Linear, SelfAttention
+from mindglm.models.layers import Linear, SelfAttention, mask_inputs
 from mindglm.rewrite import replace_cell
 
 
@@ -194,12 +194,14 @@ def fill_prefix_slots(network) -> None:
         cell.fill_cache()
 
 
-def shift_mask_inputs(prefix: int, key_valid, query_index, context_lengths) -> tuple:
-    """The no-cache mask inputs on the [prefix | tokens] key axis: P always-valid keys first,
-    queries and GLM v1's bidirectional context moved P keys on (numpy in, numpy out)."""
+def prefixed_mask_inputs(prefix: int, key_valid, query_index, context_lengths) -> tuple:
+    """The network's no-cache mask inputs (key_valid, query_first, query_last; layers.mask_inputs)
+    on the [prefix | tokens] key axis: P always-valid keys first, queries and GLM v1's
+    bidirectional context moved P keys on (numpy in, numpy out)."""
     key_valid, query_index = np.asarray(key_valid), np.asarray(query_index)
     context_lengths = np.asarray(context_lengths)
-    if not prefix:
-        return key_valid, query_index, context_lengths
-    ones = np.ones((key_valid.shape[0], prefix), key_valid.dtype)
-    return np.concatenate([ones, key_valid], 1), query_index + prefix, context_lengths + prefix
+    if prefix:
+        ones = np.ones((key_valid.shape[0], prefix), key_valid.dtype)
+        key_valid, query_index, context_lengths = (np.concatenate([ones, key_valid], 1), query_index + prefix,
+                                                   context_lengths + prefix)
+    return mask_inputs(key_valid, query_index, context_lengths)

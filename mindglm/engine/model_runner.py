@@ -23,10 +23,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, shift_mask_inputs
+from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, prefixed_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
-from mindglm.models.layers import last_visible_key, mask_inputs
+from mindglm.models.layers import last_visible_key
 
 # Most sequences one prefill call packs: its graph returns this many rows of logits.
 MAX_PACKED = 8
@@ -253,8 +253,7 @@ class ReferenceRunner:
     def _last_logits(self, request_id: str, context_length: int) -> np.ndarray:
         ids, positions = self.histories[request_id]
         length = len(ids)
-        masks = mask_inputs(*shift_mask_inputs(self.prefix, np.ones((1, length)), np.arange(length)[None],
-                                               [context_length]))
+        masks = prefixed_mask_inputs(self.prefix, np.ones((1, length)), np.arange(length)[None], [context_length])
         out = self.network(int_tensor([ids]), int_tensor(positions[None]), *(int_tensor(a) for a in masks),
                            None, None, int_tensor([length - 1]))
         return out.asnumpy()[0]

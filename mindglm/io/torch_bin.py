@@ -115,6 +115,7 @@ def read_torch_bin(path: str) -> list:
         raise corrupt(path, str(exc)) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    starts = _data_starts(path, infos.values())
     tensors = []
     for name, ref in state.items():
         if not isinstance(ref, _TensorRef):
@@ -123,41 +124,49 @@ def read_torch_bin(path: str) -> list:
         info = infos.get(ref.storage.key)
         if info is None:
             raise corrupt(path, f"storage data/{ref.storage.key} of '{name}' is missing")
+        start = starts.get(info.filename)
         tensors.append(LazyTensor(name, ref.shape, ref.storage.dtype, path,
-                                  _Loader(path, info, ref, byteorder != "little"),
-                                  offset=_mappable_offset(path, info, ref, byteorder)))
+                                  _Loader(path, info, ref, byteorder != "little", start),
+                                  offset=_mappable_offset(info, ref, byteorder, start)))
     return tensors
 
 
-def _mappable_offset(path: str, info: zipfile.ZipInfo, ref: "_TensorRef", byteorder: str):
+def _data_starts(path: str, infos) -> dict:
+    """{member name: file offset of its data} for the stored (uncompressed) members, read from
+    their local headers in one pass over the file."""
+    starts = {}
+    with open(path, "rb") as fh:
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            fh.seek(info.header_offset)
+            header = fh.read(_LOCAL_HEADER.size)
+            if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != _ZIP_MAGIC:
+                raise corrupt(path, f"bad zip entry {info.filename}")
+            _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+            starts[info.filename] = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    return starts
+
+
+def _mappable_offset(info: zipfile.ZipInfo, ref: "_TensorRef", byteorder: str, data_start):
     """Where a tensor's bytes start in the file when they lie there as one C-ordered little-endian
     run (a stored zip member, as torch.save writes): a tensor-parallel rank then maps it and reads
     only its slice. None otherwise (the loader reads it whole)."""
     itemsize = ref.storage.dtype.itemsize
     numel = int(np.prod(ref.shape, dtype=np.int64))
-    if (info.compress_type != zipfile.ZIP_STORED or byteorder != "little" or not _is_contiguous(ref.shape, ref.stride)
+    if (data_start is None or byteorder != "little" or not _is_contiguous(ref.shape, ref.stride)
             or ref.offset + numel > ref.storage.numel or ref.storage.numel * itemsize > info.file_size):
         return None
-    return _member_data_start(path, info) + ref.offset * itemsize
-
-
-def _member_data_start(path: str, info: zipfile.ZipInfo) -> int:
-    """The file offset of a stored zip member's data (after its local header)."""
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        header = fh.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(header)[0] != _ZIP_MAGIC:
-        raise corrupt(path, f"bad zip entry {info.filename}")
-    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    return data_start + ref.offset * itemsize
 
 
 class _Loader:
     """Fills an array with one tensor's bytes, read straight from the zip member (stored, so no
     decompression); a member read whole is checked against its CRC-32."""
 
-    def __init__(self, path: str, info: zipfile.ZipInfo, ref: _TensorRef, swap: bool):
+    def __init__(self, path: str, info: zipfile.ZipInfo, ref: _TensorRef, swap: bool, data_start):
         self.path, self.info, self.ref, self.swap = path, info, ref, swap
+        self.data_start = data_start    # of a stored member (None: compressed)
 
     def __call__(self, out: np.ndarray) -> None:
         ref, dtype = self.ref, self.ref.storage.dtype
@@ -178,11 +187,11 @@ class _Loader:
 
     def _read(self, start: int, flat: np.ndarray) -> None:
         info, nbytes = self.info, flat.nbytes
-        if info.compress_type != zipfile.ZIP_STORED:
+        if self.data_start is None:
             with zipfile.ZipFile(self.path) as zf:
                 flat.view(np.uint8)[:] = np.frombuffer(zf.read(info), np.uint8, nbytes, start)
             return
-        read_into(self.path, [(_member_data_start(self.path, info) + start, nbytes)], flat)
+        read_into(self.path, [(self.data_start + start, nbytes)], flat)
         if start == 0 and nbytes == info.file_size and zlib.crc32(flat.view(np.uint8)) != info.CRC:
             raise corrupt(self.path, f"checksum mismatch in {info.filename}")
 

@@ -19,9 +19,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindglm.adapters.dropout import dropout_cells, draw_dropout_masks
-from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_length, shift_mask_inputs,
+from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_length, prefixed_mask_inputs,
                                      write_prefixes)
-from mindglm.models.layers import mask_inputs
 from mindglm.models import family_module
 from mindglm.tuning.data import IGNORE
 
@@ -50,8 +49,7 @@ def collate(examples, config, pad_to: Optional[int] = None) -> dict:
 
 def network_inputs(batch: dict, prefix: int) -> list:
     """The network's int32 tensors for a collated batch, the mask on the [prefix | tokens] key axis."""
-    masks = mask_inputs(*shift_mask_inputs(prefix, batch["key_valid"], batch["query_index"],
-                                           batch["context_lengths"]))
+    masks = prefixed_mask_inputs(prefix, batch["key_valid"], batch["query_index"], batch["context_lengths"])
     arrays = (batch["input_ids"], batch["position_ids"]) + masks
     return [Tensor(np.ascontiguousarray(a, np.int32)) for a in arrays]
 
