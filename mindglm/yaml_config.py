@@ -55,6 +55,7 @@ from mindglm.config import FAMILIES, ConfigError, GLMConfig, is_type, type_names
 from mindglm.engine.config import EngineConfig
 from mindglm.generation.config import GenerationConfig
 from mindglm.parallel.context import ParallelConfig
+from mindglm.runtime import launch_from_host_thread_on_cpu
 
 CONVERT_HINT = "python -m ckpt_convert --src <THUDM dir> --dst <file.ckpt>"
 
@@ -530,6 +531,7 @@ def apply_context(context: dict) -> None:
     if captured.text.strip() and os.environ.get("GLOG_v", "2") not in ("3", "4"):
         sys.stderr.write(captured.text)
     ms.set_context(mode=ms.GRAPH_MODE if context["mode"] == "GRAPH_MODE" else ms.PYNATIVE_MODE)
+    launch_from_host_thread_on_cpu()      # the target is known now; nothing has run yet
 
 
 def resolve_run(config: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
