@@ -526,7 +526,8 @@ def main(argv=None) -> int:
     mg["warmup_graphs_compiled"] = model.engine.warmup()
     mg["warmup_s"] = time.perf_counter() - start
     before = model.engine.compiles
-    mg["continuous_arrivals"] = continuous_arrivals(model, list(prompt_n), 4, args.new_tokens)
+    if len(prompt_n) > 1:   # sequences joining running ones: needs a batch of two or more
+        mg["continuous_arrivals"] = continuous_arrivals(model, list(prompt_n), 4, args.new_tokens)
     mg["graphs_compiled_after_warmup"] = model.engine.compiles - before
 
     for engine in engines:
