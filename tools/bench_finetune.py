@@ -1,13 +1,14 @@
 """Training throughput and peak memory: mindglm LoRA / P-Tuning v2 against torch (+ peft for LoRA).
 
-    python tools/bench_finetune.py --config small [--steps 5 --seq 128 --batch 1]
+    python tools/bench_finetune.py --config small [--steps 5 --seq 128 --batch 1 --rounds 3]
 
 Same random weights (tools/bench_generate.py), same tokens; LoRA r=8 on the attention output,
 the fused gate/up and the down projection (GlmForCausalLM splits qkv, so qkv is left out on both
 sides); P-Tuning: pre_seq_len 16, without and with THUDM's projection MLP; torch runs THUDM's
 PrefixEncoder + get_prompt() past keys/values on GlmForCausalLM (as tests/test_oracle_ptuning.py
 checks it against the wave2 goldens). Each variant runs in its own process, so its peak RSS is its own.
-Prints one JSON object: tokens/s (after one warm-up step) and peak RSS MiB per variant.
+Prints one JSON object: tokens/s (after one warm-up step; the median over the interleaved rounds)
+and peak RSS MiB per variant.
 """
 from __future__ import annotations
 
@@ -138,17 +139,27 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-torch", action="store_true", help="skip the torch + peft reference")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every variant this many times, interleaved; medians are reported")
     args = parser.parse_args(argv)
     report = {"config": args.config, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-              "load": os.getloadavg()[0]}
-    report["mindglm_lora"] = measure(run_mindglm, "lora", args.config, args)
-    report["mindglm_ptuning"] = measure(run_mindglm, "ptuning", args.config, args)
-    report["mindglm_ptuning_projection"] = measure(run_mindglm, "ptuning-projection", args.config, args)
+              "rounds": args.rounds, "load": os.getloadavg()[0]}
+    methods = ("lora", "ptuning", "ptuning_projection")
+    runs = {}   # "mindglm_lora" -> [one result per round], ...
+    for _ in range(args.rounds):   # the machine is shared: alternate the engines round by round
+        for method in methods:
+            runs.setdefault(f"mindglm_{method}", []).append(measure(run_mindglm, method.replace("_", "-"), args.config, args))
+            if not args.no_torch:
+                runs.setdefault(f"torch_{method}", []).append(measure(run_torch, method.replace("_", "-"), args.config, args))
+    for name, results in runs.items():
+        report[name] = {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in results])),
+                        "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+                        "rounds_tokens_per_s": [r["tokens_per_s"] for r in results]}
     if not args.no_torch:
-        for method in ("lora", "ptuning", "ptuning_projection"):
-            torch_run = measure(run_torch, method.replace("_", "-"), args.config, args)
-            report[f"torch_{method}"] = torch_run
-            report[f"{method}_speed_ratio"] = report[f"mindglm_{method}"]["tokens_per_s"] / torch_run["tokens_per_s"]
+        for method in methods:
+            report[f"{method}_speed_ratio"] = (report[f"mindglm_{method}"]["tokens_per_s"]
+                                               / report[f"torch_{method}"]["tokens_per_s"])
+    report["load_end"] = os.getloadavg()[0]
     print(json.dumps(report))
     return 0
 
