@@ -25,6 +25,7 @@ from mindglm.checkpoint import CheckpointError, packed_columns, quantized_module
 from mindglm.config import ConfigError
 from mindglm.models.layers import Linear, ms_dtype
 from mindglm.rewrite import replace_cells
+from mindglm.runtime import one_thread_for_mindspore_ops
 from mindglm.weight_formats import pack_int4_along_n, quantize_rows, unpack_int4
 
 FORMATS = ("int8", "int4", "float16", "float32")
@@ -252,4 +253,7 @@ def quantize_network(network, config, device_target: str = None) -> list:
         return WeightLinear(cell.in_features, cell.out_features, cell.bias is not None, fmt, backend,
                             compute_dtype)
 
-    return replace_cells(network, make)
+    replaced = replace_cells(network, make)
+    if replaced and backend == "kernels":
+        one_thread_for_mindspore_ops()
+    return replaced
