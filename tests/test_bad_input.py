@@ -97,15 +97,16 @@ def test_prompt_longer_than_the_context_with_truncation_names_only_the_query():
     assert isinstance(response, str) and len(history) == 2
 
 
-def test_load_model_keeps_the_yaml_dtype_unless_one_is_passed(tmp_path, monkeypatch):
-    import mindglm.pipeline as pipeline
+def test_load_model_keeps_the_yaml_dtype_unless_one_is_passed(tmp_path):
+    import mindspore as ms
     source = os.path.join(ROOT, "configs", "tiny", "chatglm3_e2e.yaml")
     text = open(source, encoding="utf-8").read().replace("compute_dtype: float32", "compute_dtype: float16")
     text = text.replace("../../tests", os.path.join(ROOT, "tests"))
     yaml_path = tmp_path / "fp16.yaml"
     yaml_path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(pipeline, "build_model", lambda config, source, generation, engine, *rest: config)
-    assert mindglm.load_model(str(yaml_path)).compute_dtype == "float16"
-    assert mindglm.load_model(str(yaml_path), dtype="float32").compute_dtype == "float32"
+    for dtype, expected in ((None, ms.float16), ("float32", ms.float32)):
+        model = mindglm.load_model(str(yaml_path), dtype=dtype)   # really built and loaded
+        assert model.config.compute_dtype == str(expected).lower()
+        assert model.network.layers[0].mlp.up.compute_dtype == expected
     with pytest.raises(ConfigError, match="dtype 'fp8': expected one of float32, float16, bfloat16"):
         mindglm.load_model(str(yaml_path), dtype="fp8")
