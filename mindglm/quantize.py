@@ -23,6 +23,7 @@ from mindspore.common.initializer import initializer
 
 from mindglm.checkpoint import CheckpointError, packed_columns, quantized_module
 from mindglm.config import ConfigError
+from mindglm.fused import fuse_layer_ops
 from mindglm.models.layers import Linear, ms_dtype
 from mindglm.rewrite import replace_cells
 from mindglm.runtime import one_thread_for_mindspore_ops
@@ -255,5 +256,7 @@ def quantize_network(network, config, device_target: str = None) -> list:
 
     replaced = replace_cells(network, make)
     if replaced and backend == "kernels":
+        if compute_dtype == ms.float32:   # the fused kernels are float32, like the Linear ones
+            fuse_layer_ops(network)
         one_thread_for_mindspore_ops()
     return replaced

@@ -162,3 +162,74 @@ def test_loader_partial_sources_dtypes_and_caches():
     load_weights(network, [("final_norm.weight", arrays["final_norm.weight"])], "norm only", partial=True)
     with pytest.raises(ValueError, match="has no place"):
         load_weights(network, [("layers.9.mlp.up.weight", arrays["layers.1.mlp.up.weight"])], "x", partial=True)
+
+
+# ------------------------------------------------------------------ fused element-wise kernels
+@pytest.mark.parametrize("lead", [(1, 1), (2, 7), (1, 33)])
+def test_fused_norm_and_activation_match_numpy(lead):
+    """KernelRMSNorm / KernelSwiGLU against float64 numpy on random widths and row counts, in a
+    compiled graph, with an fp16-stored norm weight as the 6B benchmark loads it."""
+    from mindglm.fused import KernelRMSNorm, KernelSwiGLU
+    from mindglm.models.glm2 import SwiGLU
+    from mindglm.models.layers import RMSNorm
+    hidden, ffn = int(RNG.integers(3, 70)), int(RNG.integers(2, 50))
+    x = RNG.standard_normal(lead + (hidden,)).astype(np.float32)
+    w = RNG.standard_normal(hidden).astype(np.float16)
+    norm = RMSNorm(hidden, 1e-5, ms.float16)
+    norm.weight.set_data(Tensor(w))
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * w.astype(np.float64)
+    config = tiny_config(hidden_size=hidden, ffn_hidden_size=ffn, add_bias_linear=False)
+    mlp = SwiGLU(config)
+    up = RNG.standard_normal((2 * ffn, hidden)).astype(np.float32)
+    down = RNG.standard_normal((hidden, ffn)).astype(np.float32)
+    mlp.up.weight.set_data(Tensor(up))
+    mlp.down.weight.set_data(Tensor(down))
+    fused = x64 @ up.T.astype(np.float64)
+    gate, lin = fused[..., :ffn], fused[..., ffn:]
+    expected_mlp = (gate / (1 + np.exp(-gate)) * lin) @ down.T.astype(np.float64)
+
+    class Both(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mlp = KernelRMSNorm(norm), KernelSwiGLU(mlp)
+
+        def construct(self, x):
+            return self.norm(x), self.mlp(x)
+
+    for run in (Both(), ms.jit(Both().construct)):
+        got_norm, got_mlp = run(Tensor(x))
+        np.testing.assert_allclose(got_norm.asnumpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_mlp.asnumpy(), expected_mlp, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_models_fuse_norms_and_activations_keeping_names():
+    """The quantize rewrite fuses a float32 kernel model's norms and activations: parameter names
+    and loading schema unchanged, logits those of the portable backend (dequantize + MatMul,
+    MindSpore's own norm and activation ops) on the same weights; float16 compute is left alone."""
+    from mindglm.checkpoint import expected_shapes
+    from mindglm.fused import KernelRMSNorm, KernelSwiGLU
+    from mindglm.models.layers import RMSNorm
+    from mindglm.pipeline import GLMModel
+    weights = {name: (RNG.standard_normal(shape) * 0.3).astype(np.float32)
+               for name, shape in expected_shapes(tiny_config()).items()}
+    models = {}
+    for backend in ("auto", "portable"):
+        config = tiny_config(quantization_bit=8, linear_backend=backend)
+        network = family_module(config).build_network(config)
+        quantize_network(network, config)
+        load_weights(network, weights.items(), "random")
+        models[backend] = GLMModel(config, network)
+    fused, portable = models["auto"].network, models["portable"].network
+    assert isinstance(fused.layers[1].post_attention_norm, KernelRMSNorm) and isinstance(fused.final_norm, KernelRMSNorm)
+    assert isinstance(fused.layers[0].mlp, KernelSwiGLU) and isinstance(portable.layers[0].mlp.up, WeightLinear)
+    assert isinstance(portable.layers[0].input_norm, RMSNorm)
+    names = [p.name for p in fused.get_parameters()]
+    assert names == [p.name for p in portable.get_parameters()] == list(weight_slots(fused))
+    assert "layers.1.post_attention_norm.weight" in names and "layers.0.mlp.up.weight_scale" in names
+    ids = RNG.integers(0, 64, (2, 9))
+    np.testing.assert_allclose(models["auto"].logits(ids), models["portable"].logits(ids), atol=1e-4, rtol=0)
+    half = tiny_config(quantization_bit=8, compute_dtype="float16")
+    network = family_module(half).build_network(half)
+    quantize_network(network, half)
+    assert isinstance(network.layers[0].input_norm, RMSNorm) and not isinstance(network.layers[0].mlp, KernelSwiGLU)

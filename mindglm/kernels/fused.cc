@@ -1,0 +1,48 @@
+// Element-wise steps of a layer fused into one call each, for MindSpore's CPU backend
+// (ops.Custom, func_type="aot"). In a decode step every MindSpore op costs ~20 us of runtime
+// work whatever its size, and an RMSNorm is five ops, the SwiGLU activation five more (two
+// slices, sigmoid, two products); each becomes one call here. float32 in and out.
+//
+//   MindglmRmsNorm(x [rows, H], w [H], eps [1]) -> y [rows, H]:  y = x * rsqrt(mean(x^2) + eps) * w
+//   MindglmSwiGLU(x [rows, 2F]) -> y [rows, F]:  y = silu(x[:, :F]) * x[:, F:]
+//
+// The statistics accumulate in double, so the result is the exactly rounded mean up to the
+// float32 products; MindSpore's ReduceMean sums in float32 (differences ~1e-7 relative).
+#include <cmath>
+#include <cstdint>
+
+extern "C" {
+int MindglmRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
+  const int64_t rows = shapes[0][0], hidden = shapes[0][1];
+  if (shapes[1][0] != hidden || shapes[2][0] != 1 || shapes[3][0] != rows || shapes[3][1] != hidden) return 2;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* w = static_cast<const float*>(params[1]);
+  const float eps = *static_cast<const float*>(params[2]);
+  float* y = static_cast<float*>(params[3]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * hidden;
+    float* yr = y + r * hidden;
+    double sum = 0.0;
+    for (int64_t i = 0; i < hidden; ++i) sum += double(xr[i]) * double(xr[i]);
+    const float inv = 1.0f / std::sqrt(float(sum / double(hidden)) + eps);
+    for (int64_t i = 0; i < hidden; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+  return 0;
+}
+
+int MindglmSwiGLU(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 2 || ndims[0] != 2 || ndims[1] != 2) return 1;
+  const int64_t rows = shapes[0][0], width = shapes[1][1];
+  if (shapes[0][1] != 2 * width || shapes[1][0] != rows) return 2;
+  const float* x = static_cast<const float*>(params[0]);
+  float* y = static_cast<float*>(params[1]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = x + r * 2 * width;
+    const float* up = gate + width;
+    float* yr = y + r * width;
+    for (int64_t i = 0; i < width; ++i) yr[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+  return 0;
+}
+}
