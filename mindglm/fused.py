@@ -1,8 +1,10 @@
 """A layer's element-wise steps on mindglm's CPU kernels (mindglm/kernels/fused.cc), one call each.
 
-In a decode step MindSpore's CPU runtime costs ~20 us an op whatever the op's size, and a
+In a decode step MindSpore's CPU runtime costs 5-8 us an op whatever the op's size, and a
 ChatGLM2/3 layer has ~55 of them around its four matmuls: its two RMSNorms are five ops each and
-the SwiGLU activation five more (two slices, sigmoid, two products). `fuse_layer_ops` swaps those
+the SwiGLU activation five more (two slices, sigmoid, two products). A chain of RMSNorms took
+25-34 us a norm, of the fused one 9.5 us; on the `small` model, decode steps interleaved between
+a fused and an unfused copy took int8 13.3 vs 14.7 ms, int4 12.2 vs 14.2. `fuse_layer_ops` swaps those
 cells for ones calling one kernel each, after build and before loading, keeping every parameter
 name (the norms' `weight`, the MLP's `up` / `down` cells move over as they are). The quantize
 rewrite applies it once the Linear layers are on the kernels in float32 (mindglm/quantize.py).
