@@ -24,11 +24,12 @@ def _kernel(name: str, out_shape):
     return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=ms.float32, func_type="aot")
 
 
-class KernelRMSNorm(nn.Cell):
-    """RMSNorm (same `weight`, same eps) in one kernel call; float32 in, float32 out."""
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm (same `weight`, same eps) in one kernel call; float32 in, float32 out. Still an
+    RMSNorm to the other rewrites (tensor parallelism reads the MLP's and norms' types)."""
 
     def __init__(self, norm: RMSNorm):
-        super().__init__()
+        nn.Cell.__init__(self)   # the parameter comes from `norm`, not from sizes
         self.weight = norm.weight
         self.eps = Tensor([norm.eps], ms.float32)
         self.op = _kernel("MindglmRmsNorm", lambda x, w, eps: x)
@@ -39,11 +40,12 @@ class KernelRMSNorm(nn.Cell):
         return y.reshape(x.shape)
 
 
-class KernelSwiGLU(nn.Cell):
-    """down(silu(gate) * up) with the activation of the fused [gate | up] output in one kernel call."""
+class KernelSwiGLU(SwiGLU):
+    """down(silu(gate) * up) with the activation of the fused [gate | up] output in one kernel call;
+    still a SwiGLU to the tensor-parallel rewrite, which splits the [gate | up] rows part by part."""
 
     def __init__(self, mlp: SwiGLU):
-        super().__init__()
+        nn.Cell.__init__(self)   # the layers come from `mlp`, not from a config
         self.ffn, self.up, self.down = mlp.ffn, mlp.up, mlp.down
         self.op = _kernel("MindglmSwiGLU", lambda x: [x[0], x[1] // 2])
 
@@ -55,5 +57,5 @@ class KernelSwiGLU(nn.Cell):
 
 def fuse_layer_ops(network) -> list:
     """Replace the network's RMSNorm and SwiGLU cells by their one-kernel forms; returns the paths."""
-    fused = {RMSNorm: KernelRMSNorm, SwiGLU: KernelSwiGLU}
+    fused = {RMSNorm: KernelRMSNorm, SwiGLU: KernelSwiGLU}   # exact types: a fused cell stays as it is
     return replace_cells(network, lambda path, cell: fused[type(cell)](cell) if type(cell) in fused else None)

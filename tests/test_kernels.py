@@ -209,6 +209,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     MindSpore's own norm and activation ops) on the same weights; float16 compute is left alone."""
     from mindglm.checkpoint import expected_shapes
     from mindglm.fused import KernelRMSNorm, KernelSwiGLU
+    from mindglm.models.glm2 import SwiGLU
     from mindglm.models.layers import RMSNorm
     from mindglm.pipeline import GLMModel
     weights = {name: (RNG.standard_normal(shape) * 0.3).astype(np.float32)
@@ -224,6 +225,8 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     assert isinstance(fused.layers[1].post_attention_norm, KernelRMSNorm) and isinstance(fused.final_norm, KernelRMSNorm)
     assert isinstance(fused.layers[0].mlp, KernelSwiGLU) and isinstance(portable.layers[0].mlp.up, WeightLinear)
     assert isinstance(portable.layers[0].input_norm, RMSNorm)
+    # still an RMSNorm / SwiGLU to the other rewrites (the tensor-parallel split of [gate | up])
+    assert isinstance(fused.layers[0].mlp, SwiGLU) and isinstance(fused.final_norm, RMSNorm)
     names = [p.name for p in fused.get_parameters()]
     assert names == [p.name for p in portable.get_parameters()] == list(weight_slots(fused))
     assert "layers.1.post_attention_norm.weight" in names and "layers.0.mlp.up.weight_scale" in names

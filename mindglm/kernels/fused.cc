@@ -6,8 +6,8 @@
 //   MindglmRmsNorm(x [rows, H], w [H], eps [1]) -> y [rows, H]:  y = x * rsqrt(mean(x^2) + eps) * w
 //   MindglmSwiGLU(x [rows, 2F]) -> y [rows, F]:  y = silu(x[:, :F]) * x[:, F:]
 //
-// The statistics accumulate in double, so the result is the exactly rounded mean up to the
-// float32 products; MindSpore's ReduceMean sums in float32 (differences ~1e-7 relative).
+// The sum of squares accumulates in double; MindSpore's ReduceMean sums in float32 (the two
+// differ by ~1e-7 relative).
 #include <cmath>
 #include <cstdint>
 
