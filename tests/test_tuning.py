@@ -366,3 +366,15 @@ def test_tiny_model_learns_and_its_checkpoint_reloads_exactly(tmp_path, kind):
     if kind == "lora":
         merged = mindglm.load_model(model_dir(f"{family}-tiny"), adapter=out)
         np.testing.assert_allclose(merged.logits(ids), model.logits(ids), atol=1e-4, rtol=0)
+
+
+def test_training_a_model_on_the_inference_kernels_is_one_clear_error():
+    """The CPU kernels (int8 / int4 / fp16 weights, fused norms) have no gradient: MindSpore's own
+    message would be "Primitive Custom's bprop not defined" at the first step. The model still works."""
+    from mindglm.config import ConfigError
+    model = mindglm.load_model(model_dir("chatglm2-tiny"), quantize="int8")
+    encoder = add_prefix(model.network, model.config, 4)
+    with pytest.raises(ConfigError, match="no gradient: fine-tune a float32 base model"):
+        Trainer(model.network, model.config, OptimConfig(), 1, prefix_encoder=encoder)
+    ids = np.array([[5, 6, 7, 8]])
+    assert model.generate(ids, max_new_tokens=2, eos_token_id=-1).shape == (1, 6)

@@ -21,6 +21,7 @@ from mindspore import Tensor, nn, ops
 from mindglm.adapters.dropout import dropout_cells, draw_dropout_masks
 from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_length, prefixed_mask_inputs,
                                      write_prefixes)
+from mindglm.config import ConfigError
 from mindglm.models import family_module
 from mindglm.tuning.data import IGNORE
 
@@ -220,6 +221,11 @@ class Trainer:
                  data_parallel: Optional[DataParallel] = None):
         self.network, self.config, self.optim, self.total_steps = network, config, optim, total_steps
         self.encoder, self.seed, self.data_parallel = prefix_encoder, seed, data_parallel
+        kernel_cells = [path for path, cell in network.cells_and_names() if getattr(cell, "backend", None) == "kernels"]
+        if kernel_cells:
+            raise ConfigError(f"the network's {kernel_cells[0]} runs on mindglm's CPU inference kernels (int8 / int4 / "
+                              "float16 weights), which have no gradient: fine-tune a float32 base model (leave out "
+                              "quantize / quantization_bit / weight_dtype float16) and quantize the merged result")
         self.leaves = prefix_leaves(network) if prefix_encoder is not None else network.trainable_params()
         if not self.leaves:
             raise ValueError("the network has no trainable parameters: add an adapter (add_lora / add_prefix) first")
