@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
@@ -35,7 +34,7 @@ def _tokens(config, args):
 
 
 def run_mindglm(method, config_name, args, queue):
-    from bench_generate import CONFIGS, build_mindglm, random_weights
+    from bench_generate import CONFIGS, build_mindglm, peak_rss_mb, random_weights
     from mindglm.adapters.lora import add_lora
     from mindglm.adapters.prefix import add_prefix
     from mindglm.config import GLMConfig
@@ -58,13 +57,13 @@ def run_mindglm(method, config_name, args, queue):
         trainer.train_step([batch])
     seconds = time.perf_counter() - start
     queue.put({"tokens_per_s": args.steps * ids.size / seconds,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+               "peak_rss_mib": peak_rss_mb()})
 
 
 def run_torch(method, config_name, args, queue):
     import peft
     import torch
-    from bench_generate import CONFIGS, build_torch, random_weights
+    from bench_generate import CONFIGS, build_torch, peak_rss_mb, random_weights
     from mindglm.config import GLMConfig
     config = GLMConfig(family="chatglm2", pad_token_id=0, **CONFIGS[config_name])
     model = build_torch(config, random_weights(config, 0))
@@ -92,7 +91,7 @@ def run_torch(method, config_name, args, queue):
         step()
     seconds = time.perf_counter() - start
     queue.put({"tokens_per_s": args.steps * ids.numel() / seconds,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+               "peak_rss_mib": peak_rss_mb()})
 
 
 def _torch_ptuning_loss(model, config, ids, projection: bool, prefix: int = 16):
@@ -142,15 +141,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every variant this many times, interleaved; medians are reported")
     args = parser.parse_args(argv)
+    from bench_generate import load_average
     report = {"config": args.config, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-              "rounds": args.rounds, "load": os.getloadavg()[0]}
+              "rounds": args.rounds, "load_average_start": load_average()}
     methods = ("lora", "ptuning", "ptuning_projection")
+    engines = [("mindglm", run_mindglm)] + ([] if args.no_torch else [("torch", run_torch)])
     runs = {}   # "mindglm_lora" -> [one result per round], ...
     for _ in range(args.rounds):   # the machine is shared: alternate the engines round by round
         for method in methods:
-            runs.setdefault(f"mindglm_{method}", []).append(measure(run_mindglm, method.replace("_", "-"), args.config, args))
-            if not args.no_torch:
-                runs.setdefault(f"torch_{method}", []).append(measure(run_torch, method.replace("_", "-"), args.config, args))
+            for engine, target in engines:
+                runs.setdefault(f"{engine}_{method}", []).append(
+                    measure(target, method.replace("_", "-"), args.config, args))
     for name, results in runs.items():
         report[name] = {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in results])),
                         "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         for method in methods:
             report[f"{method}_speed_ratio"] = (report[f"mindglm_{method}"]["tokens_per_s"]
                                                / report[f"torch_{method}"]["tokens_per_s"])
-    report["load_end"] = os.getloadavg()[0]
+    report["load_average_end"] = load_average()
     print(json.dumps(report))
     return 0
 

@@ -23,6 +23,7 @@ from mindglm.adapters.prefix import (EncoderGradients, prefix_leaves, prefix_len
                                      write_prefixes)
 from mindglm.config import ConfigError
 from mindglm.models import family_module
+from mindglm.quantize import WeightLinear
 from mindglm.tuning.data import IGNORE
 
 
@@ -221,7 +222,8 @@ class Trainer:
                  data_parallel: Optional[DataParallel] = None):
         self.network, self.config, self.optim, self.total_steps = network, config, optim, total_steps
         self.encoder, self.seed, self.data_parallel = prefix_encoder, seed, data_parallel
-        kernel_cells = [path for path, cell in network.cells_and_names() if getattr(cell, "backend", None) == "kernels"]
+        kernel_cells = [path for path, cell in network.cells_and_names()
+                        if isinstance(cell, WeightLinear) and cell.backend == "kernels"]
         if kernel_cells:
             raise ConfigError(f"the network's {kernel_cells[0]} runs on mindglm's CPU inference kernels (int8 / int4 / "
                               "float16 weights), which have no gradient: fine-tune a float32 base model (leave out "
