@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["mindglm", "mindglm.*", "ckpt_convert", "ckpt_convert.*"]),
     # kernel sources are compiled on first use (mindglm/kernels/build.py); the chat page is
     # shipped with the package: the server needs nothing from the internet
-    package_data={"mindglm.kernels": ["*.cc"], "mindglm.serving": ["static/*"]},
+    package_data={"mindglm.kernels": ["*.cc", "*.h"], "mindglm.serving": ["static/*"]},
     install_requires=[
         "mindspore==2.10.0",
         "numpy<2",  # MindSpore 2.10 wheels are built against the NumPy 1.x ABI

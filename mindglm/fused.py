@@ -1,4 +1,5 @@
-"""A layer's element-wise steps on mindglm's CPU kernels (mindglm/kernels/fused.cc), one call each.
+"""A layer's steps around its matmuls on mindglm's CPU kernels (mindglm/kernels/fused.cc and
+attention.cc), one call each.
 
 In a decode step MindSpore's CPU runtime costs 5-8 us an op whatever the op's size, and a
 ChatGLM2/3 layer has ~55 of them around its four matmuls: its two RMSNorms are five ops each and
@@ -8,20 +9,26 @@ a fused and an unfused copy took int8 13.3 vs 14.7 ms, int4 12.2 vs 14.2. `fuse_
 cells for ones calling one kernel each, after build and before loading, keeping every parameter
 name (the norms' `weight`, the MLP's `up` / `down` cells move over as they are). The quantize
 rewrite applies it once the Linear layers are on the kernels in float32 (mindglm/quantize.py).
+
+The attention's qkv split and rotary (~17 ops a layer) and, in decode, its attention over the
+cache (~12 more) become one call each too (KernelSelfAttention); prefill keeps MindSpore's
+batched matmuls for the attention itself, which a long prompt needs.
 """
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindglm.models.glm2 import SwiGLU
-from mindglm.models.layers import RMSNorm
+from mindglm.models.layers import DotProductAttention, RMSNorm, SelfAttention
 from mindglm.rewrite import replace_cells
 
 
-def _kernel(name: str, out_shape):
+def _kernel(name: str, out_shape, outputs: int = 1):
     from mindglm.kernels.build import library_path
-    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=ms.float32, func_type="aot")
+    out_dtype = ms.float32 if outputs == 1 else (ms.float32,) * outputs
+    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
 class KernelRMSNorm(RMSNorm):
@@ -55,7 +62,72 @@ class KernelSwiGLU(SwiGLU):
         return self.down(active.reshape(x.shape[:-1] + (self.ffn,)))
 
 
+def signed_permutation(rotate_matrix: np.ndarray):
+    """(partner, sign) with (x @ R)[j] = sign[j] * x[partner[j]], or None if R is not a signed
+    permutation (one +-1 per column and per row, zeros elsewhere)."""
+    nonzero = rotate_matrix != 0
+    if not (nonzero.sum(0) == 1).all() or not (nonzero.sum(1) == 1).all():
+        return None
+    partner = nonzero.argmax(0)
+    sign = rotate_matrix[partner, np.arange(rotate_matrix.shape[1])]
+    if not (np.abs(sign) == 1).all():
+        return None
+    return partner.astype(np.int32), sign.astype(np.float32)
+
+
+class KernelSelfAttention(SelfAttention):
+    """SelfAttention whose qkv split + rotary is one kernel call, and whose decode step (one query
+    per row, over the KV cache) reads the cache slots in one more; still a SelfAttention to the
+    cache setup and the adapters. The qkv / dense layers and the core move over from `attention`."""
+
+    def __init__(self, attention: SelfAttention, partner: np.ndarray, sign: np.ndarray):
+        nn.Cell.__init__(self)   # the layers come from `attention`, not from a config
+        for name in ("compute_dtype", "num_heads", "kv_heads", "head_dim", "q_size", "kv_size"):
+            setattr(self, name, getattr(attention, name))
+        self.qkv, self.dense, self.rotary, self.core = attention.qkv, attention.dense, attention.rotary, attention.core
+        self.cache = attention.cache
+        self.partner, self.sign = Tensor(partner, ms.int32), Tensor(sign, ms.float32)
+        self.scales = Tensor([self.core.query_scale, self.core.score_scale], ms.float32)
+        heads, kv_heads, dim = self.num_heads, self.kv_heads, self.head_dim
+        self.rotate_op = _kernel("MindglmQkvRotary", lambda qkv, *tables: (
+            [qkv[0], heads, dim], [qkv[0], kv_heads, dim], [qkv[0], kv_heads, dim]), outputs=3)
+        self.attend_op = _kernel("MindglmCacheAttention", lambda q, *cache: q)
+
+    def split_heads(self, x, cos, sin):
+        """q [tokens, heads, dim], rotated k and v [tokens, kv_heads, dim] of x [batch, seq, hidden]."""
+        width = cos.shape[-1]
+        qkv = self.qkv(x)
+        return self.rotate_op(qkv.reshape(-1, qkv.shape[-1]), cos.reshape(-1, width), sin.reshape(-1, width),
+                              self.partner, self.sign)
+
+    def project(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        q, k, v = self.split_heads(x, cos, sin)
+        return (q.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3),
+                k.reshape(batch, seq, self.kv_heads, self.head_dim), v.reshape(batch, seq, self.kv_heads, self.head_dim))
+
+    def construct(self, x, cos, sin, mask, slot_mapping=None, kv_slots=None):
+        batch, seq, _ = x.shape
+        if slot_mapping is None or seq != 1:   # shapes are static: one branch per compiled graph
+            return super().construct(x, cos, sin, mask, slot_mapping, kv_slots)
+        q, k, v = self.split_heads(x, cos, sin)
+        keys, values = self.cache.write(k, v, slot_mapping)
+        out = self.attend_op(q, keys, values, kv_slots, mask.reshape(batch, -1), self.scales)
+        return self.dense(out.reshape(batch, 1, self.q_size))
+
+
+def _fused_attention(attention: SelfAttention):
+    """The attention's fused form, or None where the kernels do not apply (Ascend's flash core,
+    a rotation other than a signed permutation)."""
+    if type(attention.core) is not DotProductAttention:
+        return None
+    pairing = signed_permutation(attention.rotary.rotate_matrix.asnumpy())
+    return None if pairing is None else KernelSelfAttention(attention, *pairing)
+
+
 def fuse_layer_ops(network) -> list:
-    """Replace the network's RMSNorm and SwiGLU cells by their one-kernel forms; returns the paths."""
-    fused = {RMSNorm: KernelRMSNorm, SwiGLU: KernelSwiGLU}   # exact types: a fused cell stays as it is
+    """Replace the network's RMSNorm, SwiGLU and SelfAttention cells by their kernel forms; returns
+    the paths."""
+    fused = {RMSNorm: KernelRMSNorm, SwiGLU: KernelSwiGLU, SelfAttention: _fused_attention}
+    # exact types: a fused cell stays as it is
     return replace_cells(network, lambda path, cell: fused[type(cell)](cell) if type(cell) in fused else None)

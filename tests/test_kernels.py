@@ -203,12 +203,27 @@ def test_fused_norm_and_activation_match_numpy(lead):
         np.testing.assert_allclose(got_mlp.asnumpy(), expected_mlp, rtol=1e-4, atol=1e-4)
 
 
+class RecordingRunner:
+    """A runner that keeps every step's logits ({request: logits}) as the engine gets them."""
+
+    def __init__(self, runner, recorded: list):
+        self.runner, self.recorded = runner, recorded
+
+    def execute(self, plan):
+        logits = self.runner.execute(plan)
+        self.recorded.append({request: row.copy() for request, row in logits.items()})
+        return logits
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
 def test_kernel_models_fuse_norms_and_activations_keeping_names():
     """The quantize rewrite fuses a float32 kernel model's norms and activations: parameter names
     and loading schema unchanged, logits those of the portable backend (dequantize + MatMul,
     MindSpore's own norm and activation ops) on the same weights; float16 compute is left alone."""
     from mindglm.checkpoint import expected_shapes
-    from mindglm.fused import KernelRMSNorm, KernelSwiGLU
+    from mindglm.fused import KernelRMSNorm, KernelSelfAttention, KernelSwiGLU
     from mindglm.models.glm2 import SwiGLU
     from mindglm.models.layers import RMSNorm
     from mindglm.pipeline import GLMModel
@@ -232,7 +247,108 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     assert "layers.1.post_attention_norm.weight" in names and "layers.0.mlp.up.weight_scale" in names
     ids = RNG.integers(0, 64, (2, 9))
     np.testing.assert_allclose(models["auto"].logits(ids), models["portable"].logits(ids), atol=1e-4, rtol=0)
+    # through the KV cache: prefill (fused rotary) and decode (fused attention over the cache slots),
+    # two rows of different lengths, every step's logits
+    assert isinstance(fused.layers[0].attention, KernelSelfAttention)
+    prompts, mask = RNG.integers(1, 64, (2, 9)), np.ones((2, 9), np.int64)
+    mask[1, :5] = 0   # a left-padded row of 4 tokens: each row is its own request, decoded together
+    steps = {}
+    for backend, model in models.items():
+        steps[backend] = recorded = []
+        model.wrap_runners(lambda runner, use_past, recorded=recorded: RecordingRunner(runner, recorded))
+        steps[backend].append(model.generate(prompts, attention_mask=mask, max_new_tokens=6, eos_token_id=-1))
+    assert len(steps["auto"]) == len(steps["portable"]) > 5
+    for ours, theirs in zip(steps["auto"][:-1], steps["portable"][:-1]):
+        assert len(ours) == len(theirs) == 2
+        for a, b in zip(ours.values(), theirs.values()):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(steps["auto"][-1], steps["portable"][-1])
     half = tiny_config(quantization_bit=8, compute_dtype="float16")
     network = family_module(half).build_network(half)
     quantize_network(network, half)
     assert isinstance(network.layers[0].input_norm, RMSNorm) and not isinstance(network.layers[0].mlp, KernelSwiGLU)
+
+
+# ------------------------------------------------------------------ fused attention kernels
+def _compiled(op):
+    """`op` inside a graph-compiled Cell."""
+    class Graph(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = op
+
+        @ms.jit
+        def construct(self, *args):
+            return self.op(*args)
+    return Graph()
+
+def _rotary_reference(x, cos, sin, rotate_matrix):
+    """numpy float64 x * cos + (x @ R) * sin on the first R dims of every head, the rest as is."""
+    dims = rotate_matrix.shape[0]
+    x64, out = x.astype(np.float64), x.astype(np.float64).copy()
+    turned = x64[..., :dims] @ rotate_matrix.astype(np.float64)
+    out[..., :dims] = x64[..., :dims] * cos[:, None] + turned * sin[:, None]
+    return out
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+def test_fused_qkv_rotary_matches_numpy(pairing):
+    """The qkv split + rotary kernel on random head counts, head sizes and rotary widths (all of a
+    head or its first part), for both pairings GLM families use, eagerly and compiled."""
+    from mindglm.fused import signed_permutation
+    from mindglm.models.layers import rotate_half_matrix, rotate_interleaved_matrix
+    tokens, heads, kv_heads = int(RNG.integers(1, 9)), int(RNG.integers(1, 5)), int(RNG.integers(1, 3))
+    dim = 2 * int(RNG.integers(2, 20))
+    dims = dim if RNG.random() < 0.5 else 2 * int(RNG.integers(1, dim // 2 + 1))
+    matrix = (rotate_interleaved_matrix if pairing == "interleaved" else rotate_half_matrix)(dims)
+    partner, sign = signed_permutation(matrix)
+    qkv = RNG.standard_normal((tokens, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    angles = RNG.uniform(-3, 3, (tokens, dims)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    from mindglm.fused import _kernel
+    def shapes(t, *rest):
+        return [t[0], heads, dim], [t[0], kv_heads, dim], [t[0], kv_heads, dim]
+    op = _kernel("MindglmQkvRotary", shapes, outputs=3)
+    heads_of = qkv.reshape(tokens, heads + 2 * kv_heads, dim)
+    want_q = _rotary_reference(heads_of[:, :heads], cos, sin, matrix)
+    want_k = _rotary_reference(heads_of[:, heads:heads + kv_heads], cos, sin, matrix)
+    args = [Tensor(a) for a in (qkv, cos, sin, partner, sign)]
+    for run in (op, _compiled(op)):
+        q, k, v = (t.asnumpy() for t in run(*args))
+        np.testing.assert_allclose(q, want_q, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(k, want_k, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(v, heads_of[:, heads + kv_heads:])
+    assert signed_permutation(np.eye(dims, dtype=np.float32) * 2) is None
+    assert signed_permutation(np.ones((dims, dims), np.float32)) is None
+
+
+@pytest.mark.parametrize("batch,keys", [(1, 5), (3, 40), (4, 700)])
+def test_fused_cache_attention_matches_numpy(batch, keys):
+    """Decode attention over cache slots against float64 numpy: grouped kv heads, random slots and
+    masks (a row with nothing allowed averages every key, as softmax of equal scores does), a
+    score scale as GLM v1 has; the largest case runs threaded."""
+    from mindglm.fused import _kernel
+    kv_heads = int(RNG.integers(1, 3))
+    heads, dim, slots = kv_heads * int(RNG.integers(1, 4)), int(RNG.integers(3, 40)), keys + 17
+    q = RNG.standard_normal((batch, heads, dim)).astype(np.float32)
+    cache_k = RNG.standard_normal((slots, kv_heads, dim)).astype(np.float32)
+    cache_v = RNG.standard_normal((slots, kv_heads, dim)).astype(np.float32)
+    kv_slots = RNG.integers(0, slots, (batch, keys)).astype(np.int32)
+    allowed = RNG.random((batch, keys)) < 0.7
+    allowed[0, 0] = True
+    if batch > 1:
+        allowed[-1] = False
+    query_scale, score_scale = 1 / np.sqrt(dim), float(RNG.uniform(0.5, 3))
+    k64, v64 = cache_k[kv_slots].astype(np.float64), cache_v[kv_slots].astype(np.float64)  # [b, keys, kv, d]
+    group = heads // kv_heads
+    want = np.zeros((batch, heads, dim))
+    for b in range(batch):
+        for h in range(heads):
+            s = k64[b, :, h // group] @ (q[b, h].astype(np.float64) * query_scale) * score_scale
+            s = np.where(allowed[b], s, -1e9)
+            p = np.exp(s - s.max())
+            want[b, h] = (p / p.sum()) @ v64[b, :, h // group]
+    op = _kernel("MindglmCacheAttention", lambda q, *cache: q)
+    args = [Tensor(a) for a in (q, cache_k, cache_v, kv_slots, allowed, np.float32([query_scale, score_scale]))]
+    for run in (op, _compiled(op)):
+        np.testing.assert_allclose(run(*args).asnumpy(), want, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,8 @@ from functools import lru_cache
 from mindglm.config import ConfigError
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("linear.cc", "fused.cc")
+SOURCES = ("linear.cc", "fused.cc", "attention.cc")
+HEADERS = ("pool.h",)  # part of the cache key, not of the command line
 # The SIMD path needs all three; without them the same source builds its scalar loops.
 SIMD_FEATURES = ("avx2", "fma", "f16c")
 PORTABLE_HINT = ("or build the model with the portable backend (dequantize + MatMul, slower): "
@@ -74,7 +75,7 @@ def library_path() -> str:
     flags = compile_flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(KERNEL_DIR, name), "rb") as fh:
             digest.update(fh.read())
     digest.update(" ".join(flags).encode() + version.encode())

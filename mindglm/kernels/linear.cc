@@ -8,10 +8,8 @@
 // decode (one row of x) is bound by the bytes of w, so reading 1 or 0.5 byte per weight instead
 // of 4 is the whole point. Accumulation is float32, scale and bias are applied once per output.
 //
-// Work is split over output rows. The threads are our own, persistent, and spin briefly before
-// sleeping: OpenMP's team wake-up cost ~45 us per call on 2 cores next to MindSpore's own pool
-// (32 chained calls: +1.5 ms with 2 OpenMP threads against +0.09 ms with 1), more than a small
-// matrix takes to multiply. Small matrices run on the calling thread alone.
+// Work is split over output rows, on the library's own thread pool (pool.h). Small matrices run
+// on the calling thread alone.
 //
 // Every entry point has MindSpore's AOT signature; inputs are (x, w[, scale][, bias]), the last
 // param is the output. Built by mindglm/kernels/build.py (g++, AVX2/FMA/F16C when present).
@@ -24,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "pool.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MG_AVX2 1
@@ -31,81 +31,7 @@
 
 namespace {
 
-// ------------------------------------------------------------------------------- threads
-class Pool {
- public:
-  Pool() {
-    const char* env = std::getenv("MINDGLM_KERNEL_THREADS");
-    int n = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
-    threads_ = n < 1 ? 1 : (n > 64 ? 64 : n);
-    const char* spin = std::getenv("MINDGLM_KERNEL_SPIN");
-    spin_ = spin ? std::atoi(spin) : 2000;
-    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { Loop(t); });
-  }
-  ~Pool() {
-    stop_.store(true);
-    generation_.fetch_add(1);
-    generation_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
-  int threads() const { return threads_; }
-
-  // Runs fn(ctx, t, tasks) for t in [0, tasks) with tasks <= threads(); returns when all are done.
-  // A call that finds the pool busy (MindSpore may launch two kernels at once) runs alone.
-  void Run(int tasks, void (*fn)(void*, int, int), void* ctx) {
-    if (tasks <= 1 || busy_.exchange(true, std::memory_order_acquire)) { fn(ctx, 0, 1); return; }
-    fn_ = fn; ctx_ = ctx; tasks_ = tasks;
-    pending_.store(tasks - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
-    generation_.notify_all();
-    fn(ctx, 0, tasks);
-    // Wait for the others: spin briefly, then sleep (a descheduled worker must not cost a core).
-    for (int spin = 0; spin < spin_ && pending_.load(std::memory_order_acquire) != 0; ++spin) Pause();
-    for (int left; (left = pending_.load(std::memory_order_acquire)) != 0;) pending_.wait(left);
-    busy_.store(false, std::memory_order_release);
-  }
-
- private:
-  static void Pause() {
-#ifdef MG_AVX2
-    _mm_pause();
-#endif
-  }
-  void Loop(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      // Spin a little (back-to-back kernels of one decode step are microseconds apart), then
-      // sleep on a futex: on a loaded machine, a spinning thread steals the core the caller needs.
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; now == seen && spin < spin_; ++spin) {
-        Pause();
-        now = generation_.load(std::memory_order_acquire);
-      }
-      if (now == seen) { generation_.wait(seen); continue; }
-      seen = now;
-      if (stop_.load()) return;
-      if (t < tasks_) {
-        fn_(ctx_, t, tasks_);
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) pending_.notify_all();
-      }
-    }
-  }
-  int threads_ = 1;
-  int spin_ = 2000;
-  std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<bool> stop_{false};
-  std::atomic<bool> busy_{false};
-  void (*fn_)(void*, int, int) = nullptr;
-  void* ctx_ = nullptr;
-  int tasks_ = 0;
-};
-
-Pool& pool() {
-  static Pool instance;
-  return instance;
-}
+using mindglm::pool;
 
 // Below this many weight bytes a matrix is multiplied on the calling thread only: waking a
 // second thread costs more than it saves.

@@ -37,11 +37,18 @@ class KVCache(nn.Cell):
         of every token), then read the slots `kv_slots` [batch, keys] names for each row (its
         cache row's first slots, or for a row packing several sequences each one's slots in
         turn) as [batch, kv_heads, keys, head_dim]."""
-        batch, seq, heads, dim = k.shape
+        batch, _, heads, dim = k.shape
         keys_per_row = kv_slots.shape[1]
-        written_k = self.scatter(self.key, slot_mapping, k.reshape(batch * seq, heads, dim).astype(self.key.dtype))
-        written_v = self.scatter(self.value, slot_mapping, v.reshape(batch * seq, heads, dim).astype(self.value.dtype))
+        all_keys, all_values = self.write(k, v, slot_mapping)
         slots = kv_slots.reshape(-1)
-        keys = ops.gather(ops.depend(self.key, written_k), slots, 0).reshape(batch, keys_per_row, heads, dim)
-        values = ops.gather(ops.depend(self.value, written_v), slots, 0).reshape(batch, keys_per_row, heads, dim)
+        keys = ops.gather(all_keys, slots, 0).reshape(batch, keys_per_row, heads, dim)
+        values = ops.gather(all_values, slots, 0).reshape(batch, keys_per_row, heads, dim)
         return keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+
+    def write(self, k, v, slot_mapping):
+        """Write k, v [..., kv_heads, head_dim] (one per entry of `slot_mapping`) at their slots;
+        returns the whole key and value Parameters, ordered after the writes."""
+        heads, dim = k.shape[-2:]
+        written_k = self.scatter(self.key, slot_mapping, k.reshape(-1, heads, dim).astype(self.key.dtype))
+        written_v = self.scatter(self.value, slot_mapping, v.reshape(-1, heads, dim).astype(self.value.dtype))
+        return ops.depend(self.key, written_k), ops.depend(self.value, written_v)

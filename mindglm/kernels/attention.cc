@@ -1,0 +1,193 @@
+// The attention of a layer around its matmuls, for MindSpore's CPU backend (ops.Custom,
+// func_type="aot"), float32. In a decode step every MindSpore op costs 5-8 us of runtime work
+// whatever its size; a layer's qkv split and rotary were ~17 ops (slices, the rotation as a
+// matmul by a signed permutation, products, sum, concat) and its attention over the cache ~12
+// (gathers, transposes, scale, two batched matmuls, mask, softmax). Each becomes one call here
+// (mindglm/fused.py).
+//
+//   MindglmQkvRotary(qkv [T, (H + 2 KV) D], cos [T, R], sin [T, R], partner [R] int32, sign [R])
+//       -> q [T, H, D], k [T, KV, D], v [T, KV, D]
+//     the fused projection split into heads; the first R dims of every q and k head rotated:
+//     out[j] = x[j] cos[j] + sign[j] x[partner[j]] sin[j]  (x @ R for R a signed permutation:
+//     ChatGLM2/3's interleaved pairs, ChatGLM-6B's two rotate-half halves), the rest copied.
+//
+//   MindglmCacheAttention(q [B, H, D], keys [N, KV, D], values [N, KV, D], kv_slots [B, K] int32,
+//                         allowed [B, K] bool, scales [2]) -> out [B, H, D]
+//     one query per row (decode) over the cache slots kv_slots[b] names, as DotProductAttention
+//     computes it: s = ((q * scales[0]) . k) * scales[1], keys not allowed left out (the -1e9 fill
+//     gives them exactly 0 probability), softmax in float32, then the values' weighted sum. Query
+//     head h reads key/value head h / (H / KV). A row with no key allowed (padding) averages all
+//     K, as the softmax of K equal scores does.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "pool.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MG_ATTN_AVX2 1
+#endif
+
+namespace {
+
+float Dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#ifdef MG_ATTN_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  sum = _mm_cvtss_f32(s);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out += p * v
+void Axpy(float* out, float p, const float* v, int64_t n) {
+  int64_t i = 0;
+#ifdef MG_ATTN_AVX2
+  __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+#endif
+  for (; i < n; ++i) out[i] += p * v[i];
+}
+
+struct AttentionJob {
+  const float *q, *keys, *values;
+  const int32_t* slots;
+  const bool* allowed;
+  float query_scale, score_scale;
+  float* out;
+  int64_t batch, heads, kv_heads, dim, keys_per_row, slot_count;
+};
+
+void AttendRows(const AttentionJob& job, int64_t first, int64_t last) {
+  const int64_t group = job.heads / job.kv_heads, kv_stride = job.kv_heads * job.dim;
+  thread_local std::vector<float> scores, query;
+  scores.resize(job.keys_per_row);
+  query.resize(job.dim);
+  for (int64_t task = first; task < last; ++task) {
+    const int64_t b = task / job.heads, h = task % job.heads, kv = h / group;
+    const float* q = job.q + task * job.dim;
+    for (int64_t d = 0; d < job.dim; ++d) query[d] = q[d] * job.query_scale;
+    const int32_t* slots = job.slots + b * job.keys_per_row;
+    const bool* allowed = job.allowed + b * job.keys_per_row;
+    bool any = false;
+    float top = -INFINITY;
+    for (int64_t k = 0; k < job.keys_per_row; ++k) {
+      if (!allowed[k]) continue;
+      float s = Dot(query.data(), job.keys + int64_t(slots[k]) * kv_stride + kv * job.dim, job.dim);
+      if (job.score_scale != 1.0f) s *= job.score_scale;
+      scores[k] = s;
+      top = any ? std::fmax(top, s) : s;
+      any = true;
+    }
+    float total = 0.0f;
+    for (int64_t k = 0; k < job.keys_per_row; ++k) {
+      float e = 0.0f;
+      if (!any) e = 1.0f;                                  // softmax of K equal scores
+      else if (allowed[k]) e = std::exp(scores[k] - top);
+      scores[k] = e;
+      total += e;
+    }
+    float* out = job.out + task * job.dim;
+    std::memset(out, 0, sizeof(float) * job.dim);
+    for (int64_t k = 0; k < job.keys_per_row; ++k)
+      if (scores[k] != 0.0f)
+        Axpy(out, scores[k] / total, job.values + int64_t(slots[k]) * kv_stride + kv * job.dim, job.dim);
+  }
+}
+
+void AttendSlice(void* ctx, int t, int tasks) {
+  const AttentionJob& job = *static_cast<const AttentionJob*>(ctx);
+  const int64_t rows = job.batch * job.heads, per = (rows + tasks - 1) / tasks;
+  const int64_t first = per * t, last = first + per < rows ? first + per : rows;
+  if (first < last) AttendRows(job, first, last);
+}
+
+// Below this many multiply-adds an attention runs on the calling thread: waking a second thread
+// costs more than it saves (decode over a short window is ~70k).
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+}  // namespace
+
+extern "C" {
+int MindglmQkvRotary(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 8 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 1 || ndims[4] != 1 ||
+      ndims[5] != 3 || ndims[6] != 3 || ndims[7] != 3)
+    return 1;
+  const int64_t tokens = shapes[0][0], width = shapes[0][1], rotary = shapes[1][1];
+  const int64_t heads = shapes[5][1], dim = shapes[5][2], kv_heads = shapes[6][1];
+  if (width != (heads + 2 * kv_heads) * dim || rotary > dim || shapes[1][0] != tokens || shapes[2][0] != tokens ||
+      shapes[2][1] != rotary || shapes[3][0] != rotary || shapes[4][0] != rotary || shapes[5][0] != tokens ||
+      shapes[6][0] != tokens || shapes[6][2] != dim || shapes[7][0] != tokens || shapes[7][1] != kv_heads ||
+      shapes[7][2] != dim)
+    return 2;
+  const float* qkv = static_cast<const float*>(params[0]);
+  const float* cos = static_cast<const float*>(params[1]);
+  const float* sin = static_cast<const float*>(params[2]);
+  const int32_t* partner = static_cast<const int32_t*>(params[3]);
+  const float* sign = static_cast<const float*>(params[4]);
+  for (int64_t j = 0; j < rotary; ++j)
+    if (partner[j] < 0 || partner[j] >= rotary) return 3;
+  float* q = static_cast<float*>(params[5]);
+  float* k = static_cast<float*>(params[6]);
+  float* v = static_cast<float*>(params[7]);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = qkv + t * width;
+    const float* c = cos + t * rotary;
+    const float* s = sin + t * rotary;
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      const float* x = row + head * dim;
+      float* y = head < heads ? q + (t * heads + head) * dim : k + (t * kv_heads + head - heads) * dim;
+      for (int64_t j = 0; j < rotary; ++j) {
+        const float turned = sign[j] * x[partner[j]];
+        y[j] = x[j] * c[j] + turned * s[j];
+      }
+      std::memcpy(y + rotary, x + rotary, sizeof(float) * (dim - rotary));
+    }
+    std::memcpy(v + t * kv_heads * dim, row + (heads + kv_heads) * dim, sizeof(float) * kv_heads * dim);
+  }
+  return 0;
+}
+
+int MindglmCacheAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 7 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || ndims[4] != 2 ||
+      ndims[5] != 1 || ndims[6] != 3)
+    return 1;
+  AttentionJob job{};
+  job.batch = shapes[0][0], job.heads = shapes[0][1], job.dim = shapes[0][2];
+  job.slot_count = shapes[1][0], job.kv_heads = shapes[1][1], job.keys_per_row = shapes[3][1];
+  if (shapes[1][2] != job.dim || shapes[2][0] != job.slot_count || shapes[2][1] != job.kv_heads ||
+      shapes[2][2] != job.dim || shapes[3][0] != job.batch || shapes[4][0] != job.batch ||
+      shapes[4][1] != job.keys_per_row || shapes[5][0] != 2 || job.kv_heads < 1 || job.heads % job.kv_heads != 0)
+    return 2;
+  job.q = static_cast<const float*>(params[0]);
+  job.keys = static_cast<const float*>(params[1]);
+  job.values = static_cast<const float*>(params[2]);
+  job.slots = static_cast<const int32_t*>(params[3]);
+  job.allowed = static_cast<const bool*>(params[4]);
+  const float* scales = static_cast<const float*>(params[5]);
+  job.query_scale = scales[0], job.score_scale = scales[1];
+  job.out = static_cast<float*>(params[6]);
+  for (int64_t i = 0; i < job.batch * job.keys_per_row; ++i)
+    if (job.slots[i] < 0 || job.slots[i] >= job.slot_count) return 3;
+  const int64_t rows = job.batch * job.heads;
+  int tasks = 1;
+  if (rows * job.keys_per_row * job.dim >= kParallelWork)
+    tasks = mindglm::pool().threads() < rows ? mindglm::pool().threads() : static_cast<int>(rows);
+  mindglm::pool().Run(tasks, &AttendSlice, &job);
+  return 0;
+}
+}
