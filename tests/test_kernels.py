@@ -352,3 +352,56 @@ def test_fused_cache_attention_matches_numpy(batch, keys):
     args = [Tensor(a) for a in (q, cache_k, cache_v, kv_slots, allowed, np.float32([query_scale, score_scale]))]
     for run in (op, _compiled(op)):
         np.testing.assert_allclose(run(*args).asnumpy(), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ every SIMD level
+def _call(library: str, name: str, inputs: list, out_shapes: list) -> list:
+    """Call an AOT entry point of `library` directly (MindSpore's signature) on numpy arrays."""
+    import ctypes
+    arrays = [np.ascontiguousarray(a) for a in inputs] + [np.zeros(s, np.float32) for s in out_shapes]
+    shapes = [np.array(a.shape, np.int64) for a in arrays]
+    n = len(arrays)
+    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+    dims = (ctypes.POINTER(ctypes.c_int64) * n)(*[s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for s in shapes])
+    status = getattr(ctypes.CDLL(library), name)(n, params, ndims, dims, None, None, None)
+    assert status == 0, f"{name} returned {status}"
+    return arrays[len(inputs):]
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_every_simd_level_matches_numpy(isa):
+    """The library built for each instruction-set cap (AVX-512 where this CPU has it, AVX2, plain
+    C++) gives the linear kernels' numpy results on odd shapes, and the decode attention's."""
+    from mindglm.kernels.build import cpu_features, kernel_simd, library_path
+    has = cpu_features()
+    expected = {"portable": "scalar", "avx2": "avx2" if "avx2" in has else "scalar",
+                "native": "avx512" if "avx512f" in has else ("avx2" if "avx2" in has else "scalar")}
+    assert kernel_simd(isa) == expected[isa]
+    library = library_path(isa)
+    kernels = {"int8": "MatmulInt8", "int4": "MatmulInt4", "float16": "MatmulF16", "float32": "MatmulF32"}
+    for rows, out_features, in_features in [(1, 37, 130), (1, 9, 66), (5, 41, 98), (4, 3, 2)]:
+        x = RNG.standard_normal((rows, in_features)).astype(np.float32)
+        w = RNG.standard_normal((out_features, in_features)).astype(np.float32)
+        for fmt, name in kernels.items():
+            if fmt.startswith("int"):   # every byte value, -8 / -128 included (quantize_rows stops at +-7 / +-127)
+                q = RNG.integers(-128, 128, (out_features, in_features // (2 if fmt == "int4" else 1)), dtype=np.int8)
+                scale = RNG.uniform(0.01, 1, out_features).astype(np.float32)
+                inputs, want = [x, q, scale], reference(x, fmt, q, scale, None)
+            else:
+                stored = w.astype(np.float16) if fmt == "float16" else w
+                inputs, want = [x, stored], reference(x, fmt, stored, None, None)
+            (got,) = _call(library, name, inputs, [(rows, out_features)])
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{isa} {fmt}")
+    heads, kv_heads, dim, keys, slots = 4, 2, 24, 37, 50
+    q = RNG.standard_normal((2, heads, dim)).astype(np.float32)
+    cache = RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)
+    kv_slots = RNG.integers(0, slots, (2, keys)).astype(np.int32)
+    allowed = RNG.random((2, keys)) < 0.6
+    (got,) = _call(library, "MindglmCacheAttention",
+                   [q, cache[0], cache[1], kv_slots, allowed, np.float32([0.2, 1.0])], [q.shape])
+    for b in range(2):
+        for h in range(heads):
+            s = np.where(allowed[b], cache[0][kv_slots[b], h // 2] @ (q[b, h] * np.float32(0.2)), -np.inf)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[b, h], (p / p.sum()) @ cache[1][kv_slots[b], h // 2], rtol=1e-5, atol=1e-5)

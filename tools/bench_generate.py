@@ -472,10 +472,10 @@ def main(argv=None) -> int:
         return tensor_parallel_bench(config, weights, args, report)
     if args.compare_cpp:
         from bench_cpp import compare
-        from mindglm.kernels.build import kernels_have_simd
+        from mindglm.kernels.build import kernel_simd
         prompt = np.random.default_rng(args.seed + 1).integers(3, config.vocab_size, (1, args.prompt_len))
         formats = [args.quantize] if args.quantize else ["fp32", "fp16", "int8", "int4", "matmul"]
-        report["kernels_simd"] = kernels_have_simd()
+        report["kernels_simd"] = kernel_simd()
         report["compare_cpp"] = compare(config, weights, formats, prompt, args.new_tokens, args.repeats,
                                         args.tokenizer, load_average)
         report["ratios"] = {fmt: entry["ratio"] for fmt, entry in report["compare_cpp"].items()}

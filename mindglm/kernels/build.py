@@ -43,12 +43,24 @@ def cpu_features() -> frozenset:
     return frozenset()
 
 
-def compile_flags(features=None) -> list:
-    """-march=native with AVX2/FMA/F16C (the kernels' SIMD path), else a portable -O3 build."""
+# $MINDGLM_KERNEL_ISA caps the instruction set the kernels are built for (the widest the CPU has,
+# by default): to compare the paths, or for a library shared with an older CPU.
+ISA_LEVELS = ("native", "avx2", "portable")
+
+
+def compile_flags(features=None, isa: str = None) -> list:
+    """-march=native with AVX2/FMA/F16C (the kernels' SIMD path; AVX-512 where the CPU has it),
+    else a portable -O3 build; `isa` (default $MINDGLM_KERNEL_ISA or "native") caps the level."""
     features = cpu_features() if features is None else features
+    isa = isa or os.environ.get("MINDGLM_KERNEL_ISA") or "native"
+    if isa not in ISA_LEVELS:
+        raise KernelBuildError(f"MINDGLM_KERNEL_ISA={isa!r} is not one of {', '.join(ISA_LEVELS)}: "
+                               "unset it to build for this CPU")
     flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
-    if all(f in features for f in SIMD_FEATURES):
+    if isa != "portable" and all(f in features for f in SIMD_FEATURES):
         flags.append("-march=native")
+        if isa == "avx2":
+            flags.append("-mno-avx512f")   # and with it every AVX-512 extension
     return flags
 
 
@@ -68,11 +80,16 @@ def find_compiler() -> str:
     return path
 
 
+def library_path(isa: str = None) -> str:
+    """Path of the built kernel library (for `isa`, default $MINDGLM_KERNEL_ISA or "native"),
+    compiling it if this source/compiler/CPU has none yet."""
+    return _library_path(isa or os.environ.get("MINDGLM_KERNEL_ISA") or "native")
+
+
 @lru_cache(maxsize=None)
-def library_path() -> str:
-    """Path of the built kernel library, compiling it if this source/compiler/CPU has none yet."""
+def _library_path(isa: str) -> str:
     compiler = find_compiler()
-    flags = compile_flags()
+    flags = compile_flags(isa=isa)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
@@ -109,6 +126,10 @@ def kernel_counters(reset: bool = False) -> tuple:
     return lib.MindglmKernelNanos(int(reset)) / 1e9, lib.MindglmKernelCalls(int(reset))
 
 
-def kernels_have_simd() -> bool:
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def kernel_simd(isa: str = None) -> str:
+    """The SIMD code the library was compiled with: "scalar", "avx2" or "avx512"."""
     import ctypes
-    return bool(ctypes.CDLL(library_path()).MindglmKernelsSimd())
+    return SIMD_LEVELS[ctypes.CDLL(library_path(isa)).MindglmKernelsSimd()]
