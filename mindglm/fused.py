@@ -12,7 +12,8 @@ rewrite applies it once the Linear layers are on the kernels in float32 (mindglm
 
 The attention's qkv split and rotary (~17 ops a layer) and, in decode, its attention over the
 cache (~12 more) become one call each too (KernelSelfAttention); prefill keeps MindSpore's
-batched matmuls for the attention itself, which a long prompt needs.
+batched matmuls for the attention itself, which a long prompt needs. With them an int4 `small`
+decode step runs ~120 MindSpore ops instead of ~330, and its graph call took 7.9 ms instead of 11.0.
 """
 from __future__ import annotations
 

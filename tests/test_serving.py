@@ -385,7 +385,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2",
                          "--set", "model.model_config.seq_length=2048"], str(tmp_path / "drain.log"))
     server.wait_healthy()
-    results = {}
+    results, streaming = {}, {"short": threading.Event(), "long": threading.Event()}
 
     def run(name, budget):
         body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": budget, "temperature": 0,
@@ -395,15 +395,18 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
+                    streaming[name].set()
         results[name] = events
 
     try:
         short = threading.Thread(target=run, args=("short", 40))
         long = threading.Thread(target=run, args=("long", 2000))
         long.start()
-        _wait(lambda: server.metric("mindglm:num_requests_running") == 1)
+        assert streaming["long"].wait(60), "the long reply never started"
         short.start()
-        _wait(lambda: server.metric("mindglm:num_requests_running") == 2)
+        # the short reply's first token, not a poll of the running count: on a loaded machine a
+        # 40-token reply could come and go between two polls of /metrics (the test then waited forever)
+        assert streaming["short"].wait(60), "the short reply never started"
         server.process.send_signal(signal.SIGTERM)
         _wait(lambda: httpx.get(server.url + "/health").status_code == 503, timeout=10)
         assert_error(httpx.post(server.url + "/v1/chat/completions",

@@ -80,14 +80,10 @@ def find_compiler() -> str:
     return path
 
 
+@lru_cache(maxsize=None)
 def library_path(isa: str = None) -> str:
     """Path of the built kernel library (for `isa`, default $MINDGLM_KERNEL_ISA or "native"),
     compiling it if this source/compiler/CPU has none yet."""
-    return _library_path(isa or os.environ.get("MINDGLM_KERNEL_ISA") or "native")
-
-
-@lru_cache(maxsize=None)
-def _library_path(isa: str) -> str:
     compiler = find_compiler()
     flags = compile_flags(isa=isa)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
