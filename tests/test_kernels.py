@@ -225,7 +225,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     from mindglm.checkpoint import expected_shapes
     from mindglm.fused import KernelRMSNorm, KernelSelfAttention, KernelSwiGLU
     from mindglm.models.glm2 import SwiGLU
-    from mindglm.models.layers import RMSNorm
+    from mindglm.models.layers import RMSNorm, SelfAttention
     from mindglm.pipeline import GLMModel
     weights = {name: (RNG.standard_normal(shape) * 0.3).astype(np.float32)
                for name, shape in expected_shapes(tiny_config()).items()}
@@ -263,6 +263,30 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
         for a, b in zip(ours.values(), theirs.values()):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(steps["auto"][-1], steps["portable"][-1])
+    # a P-Tuning prefix wraps the fused attention like the plain one: its P slots lead every cache row
+    from mindglm.adapters.prefix import apply_prefix
+    config = tiny_config()
+    prefix = [tuple(RNG.standard_normal((3, config.kv_heads, config.head_dim)).astype(np.float32) for _ in "kv")
+              for _ in range(config.num_layers)]
+    replies, recorded = {}, {}
+    for backend in ("auto", "portable"):
+        config = tiny_config(quantization_bit=8, linear_backend=backend)
+        network = family_module(config).build_network(config)
+        quantize_network(network, config)
+        load_weights(network, weights.items(), "random")
+        apply_prefix(network, prefix)
+        model = GLMModel(config, network)
+        recorded[backend] = []
+        model.wrap_runners(lambda runner, use_past, rows=recorded[backend]: RecordingRunner(runner, rows))
+        replies[backend] = (model.generate(prompts, attention_mask=mask, max_new_tokens=6, eos_token_id=-1),
+                            model.logits(prompts[:1]))
+        assert isinstance(network.layers[0].attention.attention,
+                          KernelSelfAttention if backend == "auto" else SelfAttention)
+    np.testing.assert_array_equal(replies["auto"][0], replies["portable"][0])
+    np.testing.assert_allclose(replies["auto"][1], replies["portable"][1], atol=1e-4, rtol=0)
+    for ours, theirs in zip(recorded["auto"], recorded["portable"], strict=True):
+        for a, b in zip(ours.values(), theirs.values(), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     half = tiny_config(quantization_bit=8, compute_dtype="float16")
     network = family_module(half).build_network(half)
     quantize_network(network, half)
