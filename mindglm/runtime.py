@@ -29,7 +29,7 @@ def launch_from_host_thread_on_cpu() -> None:
 def one_thread_for_mindspore_ops() -> None:
     """Give MindSpore's own CPU ops one thread, once Linear layers run on mindglm's CPU kernels.
 
-    The kernels bring their own thread pool over all the cores (mindglm/kernels/linear.cc);
+    The kernels bring their own thread pool over all the cores (mindglm/kernels/pool.h);
     MindSpore's pool, whose workers wait for work after each of its small ops, then competes with
     it for the same cores. On the `small` model (2 cores, batch-1 decode, two runs minutes apart)
     one thread for MindSpore's ops made the steps int8 14.0 ms instead of 23.2, fp16 17.9 instead

@@ -346,6 +346,22 @@ def test_fused_qkv_rotary_matches_numpy(pairing):
     assert signed_permutation(np.ones((dims, dims), np.float32)) is None
 
 
+def _attention_reference(q, cache_k, cache_v, kv_slots, allowed, query_scale, score_scale):
+    """float64 numpy decode attention as DotProductAttention computes it: q [b, heads, d] over the
+    cache slots kv_slots [b, keys] (cache [slots, kv_heads, d]), keys not allowed filled with -1e9."""
+    batch, heads, dim = q.shape
+    group = heads // cache_k.shape[1]
+    k64, v64 = cache_k[kv_slots].astype(np.float64), cache_v[kv_slots].astype(np.float64)  # [b, keys, kv, d]
+    want = np.zeros((batch, heads, dim))
+    for b in range(batch):
+        for h in range(heads):
+            s = k64[b, :, h // group] @ (q[b, h].astype(np.float64) * query_scale) * score_scale
+            s = np.where(allowed[b], s, -1e9)
+            p = np.exp(s - s.max())
+            want[b, h] = (p / p.sum()) @ v64[b, :, h // group]
+    return want
+
+
 @pytest.mark.parametrize("batch,keys", [(1, 5), (3, 40), (4, 700)])
 def test_fused_cache_attention_matches_numpy(batch, keys):
     """Decode attention over cache slots against float64 numpy: grouped kv heads, random slots and
@@ -363,15 +379,7 @@ def test_fused_cache_attention_matches_numpy(batch, keys):
     if batch > 1:
         allowed[-1] = False
     query_scale, score_scale = 1 / np.sqrt(dim), float(RNG.uniform(0.5, 3))
-    k64, v64 = cache_k[kv_slots].astype(np.float64), cache_v[kv_slots].astype(np.float64)  # [b, keys, kv, d]
-    group = heads // kv_heads
-    want = np.zeros((batch, heads, dim))
-    for b in range(batch):
-        for h in range(heads):
-            s = k64[b, :, h // group] @ (q[b, h].astype(np.float64) * query_scale) * score_scale
-            s = np.where(allowed[b], s, -1e9)
-            p = np.exp(s - s.max())
-            want[b, h] = (p / p.sum()) @ v64[b, :, h // group]
+    want = _attention_reference(q, cache_k, cache_v, kv_slots, allowed, query_scale, score_scale)
     op = _kernel("MindglmCacheAttention", lambda q, *cache: q)
     args = [Tensor(a) for a in (q, cache_k, cache_v, kv_slots, allowed, np.float32([query_scale, score_scale]))]
     for run in (op, _compiled(op)):
@@ -424,8 +432,5 @@ def test_every_simd_level_matches_numpy(isa):
     allowed = RNG.random((2, keys)) < 0.6
     (got,) = _call(library, "MindglmCacheAttention",
                    [q, cache[0], cache[1], kv_slots, allowed, np.float32([0.2, 1.0])], [q.shape])
-    for b in range(2):
-        for h in range(heads):
-            s = np.where(allowed[b], cache[0][kv_slots[b], h // 2] @ (q[b, h] * np.float32(0.2)), -np.inf)
-            p = np.exp(s - s.max())
-            np.testing.assert_allclose(got[b, h], (p / p.sum()) @ cache[1][kv_slots[b], h // 2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, _attention_reference(q, cache[0], cache[1], kv_slots, allowed, 0.2, 1.0),
+                               rtol=1e-5, atol=1e-5, err_msg=isa)

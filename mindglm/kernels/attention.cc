@@ -24,29 +24,21 @@
 #include <vector>
 
 #include "pool.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MG_ATTN_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
 float Dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float sum = 0.0f;
-#ifdef MG_ATTN_AVX2
+#ifdef MG_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  __m256 v = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  sum = _mm_cvtss_f32(s);
+  sum = mindglm::HSum(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
@@ -55,7 +47,7 @@ float Dot(const float* a, const float* b, int64_t n) {
 // out += p * v
 void Axpy(float* out, float p, const float* v, int64_t n) {
   int64_t i = 0;
-#ifdef MG_ATTN_AVX2
+#ifdef MG_AVX2
   __m256 pv = _mm256_set1_ps(p);
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));

@@ -23,17 +23,13 @@
 #include <vector>
 
 #include "pool.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define MG_AVX2 1
-#if defined(__AVX512F__)
-#define MG_AVX512 1
-#endif
-#endif
+#include "simd.h"
 
 namespace {
 
+#ifdef MG_AVX2
+using mindglm::HSum;
+#endif
 using mindglm::pool;
 
 // Below this many weight bytes a matrix is multiplied on the calling thread only: waking a
@@ -76,12 +72,6 @@ struct I4 { using T = int8_t; };
 template <class F> struct Dot;
 
 #ifdef MG_AVX2
-inline float HSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 inline __m256 Load8(const float* w) { return _mm256_loadu_ps(w); }
 inline __m256 Load8(const uint16_t* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
 inline __m256 Load8(const int8_t* w) {
