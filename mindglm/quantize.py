@@ -29,6 +29,7 @@ from mindglm.rewrite import replace_cells
 from mindglm.runtime import one_thread_for_mindspore_ops
 from mindglm.weight_formats import pack_int4_along_n, quantize_rows, unpack_int4
 
+# The index of a format here is its code in the fused layer kernels (mindglm/kernels/layer.h Format).
 FORMATS = ("int8", "int4", "float16", "float32")
 _STORAGE = {"int8": ms.int8, "int4": ms.int8, "float16": ms.float16, "float32": ms.float32}
 _KERNELS = {"int8": "MatmulInt8", "int4": "MatmulInt4", "float16": "MatmulF16", "float32": "MatmulF32"}
@@ -135,10 +136,19 @@ class WeightLinear(nn.Cell):
         self.weight = _zeros(shape, _STORAGE[fmt])
         self.weight_scale = _zeros((out_features,), ms.float32) if self.bits else None
         self.bias = _zeros((out_features,), ms.float32) if bias else None
+        if backend == "kernels":  # what kernel_operands() passes for a missing scale / bias
+            self.unit_scale = Tensor(np.ones(out_features, np.float32))
+            self.zero_bias = Tensor(np.zeros(out_features, np.float32))
         if backend == "ascend":
             self.matmul = AscendMatmul(fmt, self.bits > 0, bias, compute_dtype)
         else:
             self.matmul = BACKENDS[backend](fmt, self.bits > 0, bias)
+
+    def kernel_operands(self) -> tuple:
+        """(weight, scale, bias) as the fused layer kernels take every layer (mindglm/fused.py
+        KernelBlock): a unit scale and a zero bias stand in for those this layer has not."""
+        return (self.weight, self.unit_scale if self.weight_scale is None else self.weight_scale,
+                self.zero_bias if self.bias is None else self.bias)
 
     def construct(self, x):
         lead = x.shape[:-1]

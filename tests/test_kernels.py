@@ -223,7 +223,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     and loading schema unchanged, logits those of the portable backend (dequantize + MatMul,
     MindSpore's own norm and activation ops) on the same weights; float16 compute is left alone."""
     from mindglm.checkpoint import expected_shapes
-    from mindglm.fused import KernelRMSNorm, KernelSelfAttention, KernelSwiGLU
+    from mindglm.fused import KernelBlock, KernelRMSNorm, KernelSelfAttention, KernelSwiGLU, fuse_blocks
     from mindglm.models.glm2 import SwiGLU
     from mindglm.models.layers import RMSNorm, SelfAttention
     from mindglm.pipeline import GLMModel
@@ -247,9 +247,12 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     assert "layers.1.post_attention_norm.weight" in names and "layers.0.mlp.up.weight_scale" in names
     ids = RNG.integers(0, 64, (2, 9))
     np.testing.assert_allclose(models["auto"].logits(ids), models["portable"].logits(ids), atol=1e-4, rtol=0)
-    # through the KV cache: prefill (fused rotary) and decode (fused attention over the cache slots),
-    # two rows of different lengths, every step's logits
+    # through the KV cache: prefill and decode steps in two layer kernels around the cache write
+    # (KernelBlock; the full forward above ran its cells one by one), two rows of different
+    # lengths, every step's logits
     assert isinstance(fused.layers[0].attention, KernelSelfAttention)
+    assert all(type(block) is KernelBlock for block in fused.layers)
+    assert not any(isinstance(block, KernelBlock) for block in portable.layers)
     prompts, mask = RNG.integers(1, 64, (2, 9)), np.ones((2, 9), np.int64)
     mask[1, :5] = 0   # a left-padded row of 4 tokens: each row is its own request, decoded together
     steps = {}
@@ -282,6 +285,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
                             model.logits(prompts[:1]))
         assert isinstance(network.layers[0].attention.attention,
                           KernelSelfAttention if backend == "auto" else SelfAttention)
+        assert isinstance(network.layers[0], KernelBlock) == (backend == "auto")
     np.testing.assert_array_equal(replies["auto"][0], replies["portable"][0])
     np.testing.assert_allclose(replies["auto"][1], replies["portable"][1], atol=1e-4, rtol=0)
     for ours, theirs in zip(recorded["auto"], recorded["portable"], strict=True):
@@ -291,6 +295,20 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     network = family_module(half).build_network(half)
     quantize_network(network, half)
     assert isinstance(network.layers[0].input_norm, RMSNorm) and not isinstance(network.layers[0].mlp, KernelSwiGLU)
+    # GLM v1 (LayerNorm, GELU, residuals from the norm) keeps its Blocks; so does a block with a LoRA cell
+    from mindglm.adapters.lora import LoRALinear
+    import dataclasses
+    import os
+    v1 = dataclasses.replace(GLMConfig.from_thudm(os.path.join(os.path.dirname(__file__), "fixtures", "models",
+                                                                "chatglm-tiny")), quantization_bit=8)
+    network = family_module(v1).build_network(v1)
+    quantize_network(network, v1)
+    assert fuse_blocks(network) == []
+    config = tiny_config(quantization_bit=8)
+    network = family_module(config).build_network(config)
+    quantize_network(network, config)
+    network.layers[1].attention.dense = LoRALinear(network.layers[1].attention.dense, 2, 1.0)
+    assert fuse_blocks(network) == ["layers.0"]
 
 
 # ------------------------------------------------------------------ fused attention kernels
@@ -387,8 +405,9 @@ def test_fused_cache_attention_matches_numpy(batch, keys):
 
 
 # ------------------------------------------------------------------ every SIMD level
-def _call(library: str, name: str, inputs: list, out_shapes: list) -> list:
-    """Call an AOT entry point of `library` directly (MindSpore's signature) on numpy arrays."""
+def _call(library: str, name: str, inputs: list, out_shapes: list, status: int = 0) -> list:
+    """Call an AOT entry point of `library` directly (MindSpore's signature) on numpy arrays;
+    `status`: the return code it must give."""
     import ctypes
     arrays = [np.ascontiguousarray(a) for a in inputs] + [np.zeros(s, np.float32) for s in out_shapes]
     shapes = [np.array(a.shape, np.int64) for a in arrays]
@@ -396,9 +415,100 @@ def _call(library: str, name: str, inputs: list, out_shapes: list) -> list:
     params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
     ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
     dims = (ctypes.POINTER(ctypes.c_int64) * n)(*[s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for s in shapes])
-    status = getattr(ctypes.CDLL(library), name)(n, params, ndims, dims, None, None, None)
-    assert status == 0, f"{name} returned {status}"
+    returned = getattr(ctypes.CDLL(library), name)(n, params, ndims, dims, None, None, None)
+    assert returned == status, f"{name} returned {returned}"
     return arrays[len(inputs):]
+
+
+# ------------------------------------------------------------------ fused layer kernels
+def _random_layer(out_features, in_features, fmt):
+    """(stored weight, scale, bias) of a random layer in `fmt` as the block kernels take them (a
+    unit scale for float formats; int bytes of every value, -8 / -128 included)."""
+    if fmt.startswith("int"):
+        w = RNG.integers(-128, 128, (out_features, in_features // (2 if fmt == "int4" else 1)), dtype=np.int8)
+        scale = RNG.uniform(0.01, 0.1, out_features).astype(np.float32)
+    else:
+        w = (RNG.standard_normal((out_features, in_features)) * 0.2).astype(np.float16 if fmt == "float16" else np.float32)
+        scale = np.ones(out_features, np.float32)
+    return w, scale, RNG.standard_normal(out_features).astype(np.float32)
+
+
+def _linear_reference(x, fmt, layer):
+    w, scale, bias = layer
+    return reference(x, fmt, w, scale if fmt.startswith("int") else None, bias)
+
+
+def _assert_close(got, want):
+    """float32 against float64 sums of hundreds of terms: within 1e-4 of the result's scale."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def _rms_reference(x, w, eps):
+    x64 = x.astype(np.float64)
+    return x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * w
+
+
+def test_fused_block_kernels_match_numpy():
+    """The layer kernels (block.cc) against float64 numpy composed step by step: norm + qkv +
+    rotary, and dense + residual + norm + SwiGLU MLP + residual, on random sizes, formats mixed
+    within a layer, more tokens than one chunk; the decode block with its cache attention; and a
+    format code or a weight shape that does not fit is refused (a status, not a crash)."""
+    from mindglm.fused import signed_permutation
+    from mindglm.kernels.build import library_path
+    from mindglm.models.layers import rotate_interleaved_matrix
+    from mindglm.quantize import FORMATS
+    library = library_path()
+    heads, kv_heads, dim = 4, 2, 4 * int(RNG.integers(2, 6))
+    hidden, ffn, tokens = 2 * int(RNG.integers(20, 60)), int(RNG.integers(20, 90)), 70
+    formats = [FORMATS[i] for i in RNG.integers(0, 4, 4)]
+    qkv, dense, up, down = (_random_layer(n, k, fmt) for (n, k), fmt in zip(
+        [((heads + 2 * kv_heads) * dim, hidden), (hidden, heads * dim), (2 * ffn, hidden), (hidden, ffn)], formats))
+    if formats[3] == "int4" and ffn % 2:
+        formats[3] = "int8"
+        down = _random_layer(hidden, ffn, "int8")
+    h = RNG.standard_normal((tokens, hidden)).astype(np.float32)
+    norms = RNG.uniform(0.5, 1.5, (2, hidden)).astype(np.float32)
+    eps = np.float32([1e-5])
+    rotary = dim // 2
+    matrix = rotate_interleaved_matrix(rotary)
+    partner, sign = signed_permutation(matrix)
+    angles = RNG.uniform(-3, 3, (tokens, rotary)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    code = lambda *fmts: np.int32([FORMATS.index(f) for f in fmts])  # noqa: E731
+    q, k, v = _call(library, "MindglmAttentionInput",
+                    [h, norms[0], eps, code(formats[0]), *qkv, cos, sin, partner, sign],
+                    [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)])
+    fused = _linear_reference(_rms_reference(h, norms[0], 1e-5), formats[0], qkv).reshape(tokens, -1, dim)
+    _assert_close(q, _rotary_reference(fused[:, :heads], cos, sin, matrix))
+    _assert_close(k, _rotary_reference(fused[:, heads:heads + kv_heads], cos, sin, matrix))
+    _assert_close(v, fused[:, heads + kv_heads:])
+
+    def mlp_reference(attn, h):
+        h1 = h + _linear_reference(attn, formats[1], dense)
+        gate_up = _linear_reference(_rms_reference(h1, norms[1], 1e-5), formats[2], up)
+        gate, lin = gate_up[:, :ffn], gate_up[:, ffn:]
+        return h1 + _linear_reference(gate / (1 + np.exp(-gate)) * lin, formats[3], down)
+
+    mlp_inputs = [code(*formats[1:]), *dense, norms[1], eps, *up, *down]
+    attn = RNG.standard_normal((tokens, heads * dim)).astype(np.float32)
+    (out,) = _call(library, "MindglmMlpBlock", [attn, h, *mlp_inputs], [h.shape])
+    _assert_close(out, mlp_reference(attn, h))
+    # decode: three rows over cache slots, then the same block
+    batch, keys, slots = 3, 11, 40
+    cache = RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)
+    kv_slots = RNG.integers(0, slots, (batch, keys)).astype(np.int32)
+    allowed = RNG.random((batch, keys)) < 0.7
+    allowed[:, 0] = True
+    scales = np.float32([1 / np.sqrt(dim), 1.0])
+    attention = [q[:batch], cache[0], cache[1], kv_slots, allowed, scales]
+    (out,) = _call(library, "MindglmDecodeBlock", attention + [h[:batch], *mlp_inputs], [(batch, hidden)])
+    attended = _attention_reference(q[:batch], cache[0], cache[1], kv_slots, allowed, *scales).reshape(batch, -1)
+    _assert_close(out, mlp_reference(attended, h[:batch]))
+    # refused: an unknown format code, a weight whose packing disagrees with its format
+    _call(library, "MindglmMlpBlock", [attn, h, np.int32([7, 0, 0]), *mlp_inputs[1:]], [h.shape], status=2)
+    wrong = code("int4" if formats[0] != "int4" else "int8")
+    _call(library, "MindglmAttentionInput", [h, norms[0], eps, wrong, *qkv, cos, sin, partner, sign],
+          [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)], status=2)
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])

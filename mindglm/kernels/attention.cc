@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "layer.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -55,16 +56,10 @@ void Axpy(float* out, float p, const float* v, int64_t n) {
   for (; i < n; ++i) out[i] += p * v[i];
 }
 
-struct AttentionJob {
-  const float *q, *keys, *values;
-  const int32_t* slots;
-  const bool* allowed;
-  float query_scale, score_scale;
-  float* out;
-  int64_t batch, heads, kv_heads, dim, keys_per_row, slot_count;
-};
+using mindglm::CacheAttention;
 
-void AttendRows(const AttentionJob& job, int64_t first, int64_t last) {
+
+void AttendRows(const CacheAttention& job, int64_t first, int64_t last) {
   const int64_t group = job.heads / job.kv_heads, kv_stride = job.kv_heads * job.dim;
   thread_local std::vector<float> scores, query;
   scores.resize(job.keys_per_row);
@@ -102,7 +97,7 @@ void AttendRows(const AttentionJob& job, int64_t first, int64_t last) {
 }
 
 void AttendSlice(void* ctx, int t, int tasks) {
-  const AttentionJob& job = *static_cast<const AttentionJob*>(ctx);
+  const CacheAttention& job = *static_cast<const CacheAttention*>(ctx);
   const int64_t rows = job.batch * job.heads, per = (rows + tasks - 1) / tasks;
   const int64_t first = per * t, last = first + per < rows ? first + per : rows;
   if (first < last) AttendRows(job, first, last);
@@ -114,72 +109,101 @@ constexpr int64_t kParallelWork = int64_t(1) << 18;
 
 }  // namespace
 
-extern "C" {
-int MindglmQkvRotary(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 8 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 1 || ndims[4] != 1 ||
-      ndims[5] != 3 || ndims[6] != 3 || ndims[7] != 3)
-    return 1;
-  const int64_t tokens = shapes[0][0], width = shapes[0][1], rotary = shapes[1][1];
-  const int64_t heads = shapes[5][1], dim = shapes[5][2], kv_heads = shapes[6][1];
-  if (width != (heads + 2 * kv_heads) * dim || rotary > dim || shapes[1][0] != tokens || shapes[2][0] != tokens ||
-      shapes[2][1] != rotary || shapes[3][0] != rotary || shapes[4][0] != rotary || shapes[5][0] != tokens ||
-      shapes[6][0] != tokens || shapes[6][2] != dim || shapes[7][0] != tokens || shapes[7][1] != kv_heads ||
-      shapes[7][2] != dim)
-    return 2;
-  const float* qkv = static_cast<const float*>(params[0]);
-  const float* cos = static_cast<const float*>(params[1]);
-  const float* sin = static_cast<const float*>(params[2]);
-  const int32_t* partner = static_cast<const int32_t*>(params[3]);
-  const float* sign = static_cast<const float*>(params[4]);
-  for (int64_t j = 0; j < rotary; ++j)
-    if (partner[j] < 0 || partner[j] >= rotary) return 3;
-  float* q = static_cast<float*>(params[5]);
-  float* k = static_cast<float*>(params[6]);
-  float* v = static_cast<float*>(params[7]);
+namespace mindglm {
+
+void SplitRotateHeads(const float* qkv, int64_t tokens, const HeadLayout& layout, float* q, float* k, float* v) {
+  const int64_t heads = layout.heads, kv_heads = layout.kv_heads, dim = layout.dim, rotary = layout.rotary;
+  const int64_t width = (heads + 2 * kv_heads) * dim;
   for (int64_t t = 0; t < tokens; ++t) {
     const float* row = qkv + t * width;
-    const float* c = cos + t * rotary;
-    const float* s = sin + t * rotary;
+    const float* c = layout.cos + t * rotary;
+    const float* s = layout.sin + t * rotary;
     for (int64_t head = 0; head < heads + kv_heads; ++head) {
       const float* x = row + head * dim;
       float* y = head < heads ? q + (t * heads + head) * dim : k + (t * kv_heads + head - heads) * dim;
       for (int64_t j = 0; j < rotary; ++j) {
-        const float turned = sign[j] * x[partner[j]];
+        const float turned = layout.sign[j] * x[layout.partner[j]];
         y[j] = x[j] * c[j] + turned * s[j];
       }
       std::memcpy(y + rotary, x + rotary, sizeof(float) * (dim - rotary));
     }
     std::memcpy(v + t * kv_heads * dim, row + (heads + kv_heads) * dim, sizeof(float) * kv_heads * dim);
   }
+}
+
+void Attend(const CacheAttention& job) {
+  const int64_t rows = job.batch * job.heads;
+  int tasks = 1;
+  if (rows * job.keys_per_row * job.dim >= kParallelWork)
+    tasks = pool().threads() < rows ? pool().threads() : static_cast<int>(rows);
+  pool().Run(tasks, &AttendSlice, const_cast<CacheAttention*>(&job));
+}
+
+// An AOT call's rotary tables (cos, sin, partner, sign at params[tables..tables+3]) and its
+// q, k, v outputs (params[outputs..outputs+2]) for `tokens` rows of a fused qkv `width` wide;
+// 0, or the kernel's error code.
+int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int outputs, int64_t tokens,
+                   int64_t width, HeadLayout* layout) {
+  const int c = tables, o = outputs;
+  if (ndims[c] != 2 || ndims[c + 1] != 2 || ndims[c + 2] != 1 || ndims[c + 3] != 1 || ndims[o] != 3 ||
+      ndims[o + 1] != 3 || ndims[o + 2] != 3)
+    return 1;
+  const int64_t rotary = shapes[c][1], heads = shapes[o][1], dim = shapes[o][2], kv_heads = shapes[o + 1][1];
+  if (width != (heads + 2 * kv_heads) * dim || rotary > dim || shapes[c][0] != tokens || shapes[c + 1][0] != tokens ||
+      shapes[c + 1][1] != rotary || shapes[c + 2][0] != rotary || shapes[c + 3][0] != rotary ||
+      shapes[o][0] != tokens || shapes[o + 1][0] != tokens || shapes[o + 1][2] != dim ||
+      shapes[o + 2][0] != tokens || shapes[o + 2][1] != kv_heads || shapes[o + 2][2] != dim)
+    return 2;
+  *layout = HeadLayout{heads, kv_heads, dim, rotary, static_cast<const float*>(params[c]),
+                       static_cast<const float*>(params[c + 1]), static_cast<const int32_t*>(params[c + 2]),
+                       static_cast<const float*>(params[c + 3])};
+  for (int64_t j = 0; j < rotary; ++j)
+    if (layout->partner[j] < 0 || layout->partner[j] >= rotary) return 3;
+  return 0;
+}
+
+// An AOT call's (q, keys, values, kv_slots, allowed, scales) at params[0..5]; the caller sets
+// `out`. 0, or the kernel's error code.
+int ReadCacheAttention(void** params, int* ndims, int64_t** shapes, CacheAttention* job) {
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || ndims[4] != 2 || ndims[5] != 1) return 1;
+  *job = CacheAttention{};
+  job->batch = shapes[0][0], job->heads = shapes[0][1], job->dim = shapes[0][2];
+  job->slot_count = shapes[1][0], job->kv_heads = shapes[1][1], job->keys_per_row = shapes[3][1];
+  if (shapes[1][2] != job->dim || shapes[2][0] != job->slot_count || shapes[2][1] != job->kv_heads ||
+      shapes[2][2] != job->dim || shapes[3][0] != job->batch || shapes[4][0] != job->batch ||
+      shapes[4][1] != job->keys_per_row || shapes[5][0] != 2 || job->kv_heads < 1 || job->heads % job->kv_heads != 0)
+    return 2;
+  job->q = static_cast<const float*>(params[0]);
+  job->keys = static_cast<const float*>(params[1]);
+  job->values = static_cast<const float*>(params[2]);
+  job->slots = static_cast<const int32_t*>(params[3]);
+  job->allowed = static_cast<const bool*>(params[4]);
+  const float* scales = static_cast<const float*>(params[5]);
+  job->query_scale = scales[0], job->score_scale = scales[1];
+  for (int64_t i = 0; i < job->batch * job->keys_per_row; ++i)
+    if (job->slots[i] < 0 || job->slots[i] >= job->slot_count) return 3;
+  return 0;
+}
+
+}  // namespace mindglm
+
+extern "C" {
+int MindglmQkvRotary(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 8 || ndims[0] != 2) return 1;
+  mindglm::HeadLayout layout;
+  if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 1, 5, shapes[0][0], shapes[0][1], &layout))
+    return status;
+  mindglm::SplitRotateHeads(static_cast<const float*>(params[0]), shapes[0][0], layout, static_cast<float*>(params[5]),
+                            static_cast<float*>(params[6]), static_cast<float*>(params[7]));
   return 0;
 }
 
 int MindglmCacheAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 7 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || ndims[4] != 2 ||
-      ndims[5] != 1 || ndims[6] != 3)
-    return 1;
-  AttentionJob job{};
-  job.batch = shapes[0][0], job.heads = shapes[0][1], job.dim = shapes[0][2];
-  job.slot_count = shapes[1][0], job.kv_heads = shapes[1][1], job.keys_per_row = shapes[3][1];
-  if (shapes[1][2] != job.dim || shapes[2][0] != job.slot_count || shapes[2][1] != job.kv_heads ||
-      shapes[2][2] != job.dim || shapes[3][0] != job.batch || shapes[4][0] != job.batch ||
-      shapes[4][1] != job.keys_per_row || shapes[5][0] != 2 || job.kv_heads < 1 || job.heads % job.kv_heads != 0)
-    return 2;
-  job.q = static_cast<const float*>(params[0]);
-  job.keys = static_cast<const float*>(params[1]);
-  job.values = static_cast<const float*>(params[2]);
-  job.slots = static_cast<const int32_t*>(params[3]);
-  job.allowed = static_cast<const bool*>(params[4]);
-  const float* scales = static_cast<const float*>(params[5]);
-  job.query_scale = scales[0], job.score_scale = scales[1];
+  if (nparam != 7 || ndims[6] != 3) return 1;
+  mindglm::CacheAttention job;
+  if (int status = mindglm::ReadCacheAttention(params, ndims, shapes, &job)) return status;
   job.out = static_cast<float*>(params[6]);
-  for (int64_t i = 0; i < job.batch * job.keys_per_row; ++i)
-    if (job.slots[i] < 0 || job.slots[i] >= job.slot_count) return 3;
-  const int64_t rows = job.batch * job.heads;
-  int tasks = 1;
-  if (rows * job.keys_per_row * job.dim >= kParallelWork)
-    tasks = mindglm::pool().threads() < rows ? mindglm::pool().threads() : static_cast<int>(rows);
-  mindglm::pool().Run(tasks, &AttendSlice, &job);
+  mindglm::Attend(job);
   return 0;
 }
 }

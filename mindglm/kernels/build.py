@@ -17,8 +17,8 @@ from functools import lru_cache
 from mindglm.config import ConfigError
 
 KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("linear.cc", "fused.cc", "attention.cc")
-HEADERS = ("pool.h", "simd.h")  # part of the cache key, not of the command line
+SOURCES = ("linear.cc", "fused.cc", "attention.cc", "block.cc")
+HEADERS = ("layer.h", "pool.h", "simd.h")  # part of the cache key, not of the command line
 # The SIMD path needs all three; without them the same source builds its scalar loops.
 SIMD_FEATURES = ("avx2", "fma", "f16c")
 PORTABLE_HINT = ("or build the model with the portable backend (dequantize + MatMul, slower): "

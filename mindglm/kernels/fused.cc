@@ -11,15 +11,11 @@
 #include <cmath>
 #include <cstdint>
 
-extern "C" {
-int MindglmRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
-  const int64_t rows = shapes[0][0], hidden = shapes[0][1];
-  if (shapes[1][0] != hidden || shapes[2][0] != 1 || shapes[3][0] != rows || shapes[3][1] != hidden) return 2;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* w = static_cast<const float*>(params[1]);
-  const float eps = *static_cast<const float*>(params[2]);
-  float* y = static_cast<float*>(params[3]);
+#include "layer.h"
+
+namespace mindglm {
+
+void RmsNormRows(const float* x, const float* w, float eps, int64_t rows, int64_t hidden, float* y) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * hidden;
     float* yr = y + r * hidden;
@@ -28,6 +24,26 @@ int MindglmRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, cons
     const float inv = 1.0f / std::sqrt(float(sum / double(hidden)) + eps);
     for (int64_t i = 0; i < hidden; ++i) yr[i] = w[i] * (xr[i] * inv);
   }
+}
+
+void SwiGLURows(const float* x, int64_t rows, int64_t width, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = x + r * 2 * width;
+    const float* up = gate + width;
+    float* yr = y + r * width;
+    for (int64_t i = 0; i < width; ++i) yr[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+}
+
+}  // namespace mindglm
+
+extern "C" {
+int MindglmRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
+  const int64_t rows = shapes[0][0], hidden = shapes[0][1];
+  if (shapes[1][0] != hidden || shapes[2][0] != 1 || shapes[3][0] != rows || shapes[3][1] != hidden) return 2;
+  mindglm::RmsNormRows(static_cast<const float*>(params[0]), static_cast<const float*>(params[1]),
+                       *static_cast<const float*>(params[2]), rows, hidden, static_cast<float*>(params[3]));
   return 0;
 }
 
@@ -35,14 +51,7 @@ int MindglmSwiGLU(int nparam, void** params, int* ndims, int64_t** shapes, const
   if (nparam != 2 || ndims[0] != 2 || ndims[1] != 2) return 1;
   const int64_t rows = shapes[0][0], width = shapes[1][1];
   if (shapes[0][1] != 2 * width || shapes[1][0] != rows) return 2;
-  const float* x = static_cast<const float*>(params[0]);
-  float* y = static_cast<float*>(params[1]);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gate = x + r * 2 * width;
-    const float* up = gate + width;
-    float* yr = y + r * width;
-    for (int64_t i = 0; i < width; ++i) yr[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-  }
+  mindglm::SwiGLURows(static_cast<const float*>(params[0]), rows, width, static_cast<float*>(params[1]));
   return 0;
 }
 }

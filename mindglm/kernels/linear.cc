@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "layer.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -232,88 +233,109 @@ void Slice(void* ctx, int t, int tasks) {
   }
 }
 
-// Time spent inside the kernels, for the benchmark's breakdown (two clock reads per call).
+// Time spent inside the linear kernels, for the benchmark's breakdown (two clock reads per call).
 std::atomic<int64_t> kernel_nanos{0};
 std::atomic<int64_t> kernel_calls{0};
 
 template <class F>
-int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled);
-
-template <class F>
-int Launch(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
-  auto start = std::chrono::steady_clock::now();
-  int status = LaunchTimed<F>(nparam, params, ndims, shapes, scaled);
-  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
-  kernel_calls.fetch_add(1, std::memory_order_relaxed);
-  return status;
-}
-
-template <class F>
-int LaunchTimed(int nparam, void** params, int* ndims, int64_t** shapes, bool scaled) {
-  // params: x [M, K], w [N, stride], scale [N] (scaled formats), bias [N] (optional), y [M, N]
-  int inputs = nparam - 1;
-  int expected = scaled ? 3 : 2;
-  if (inputs != expected && inputs != expected + 1) return 1;
-  if (ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 2;
+void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, float* y) {
   Job job{};
-  job.m = shapes[0][0];
-  int64_t k = shapes[0][1];
-  job.n = shapes[1][0];
-  job.stride = shapes[1][1];
-  job.w = params[1];
-  job.scale = scaled ? static_cast<const float*>(params[2]) : nullptr;
-  job.bias = inputs == expected + 1 ? static_cast<const float*>(params[expected]) : nullptr;
-  job.y = static_cast<float*>(params[nparam - 1]);
-  const float* x = static_cast<const float*>(params[0]);
+  job.m = m;
+  job.n = layer.n;
+  job.w = layer.w;
+  job.scale = layer.scale;
+  job.bias = layer.bias;
+  job.y = y;
+  job.ldx = layer.k;
   int64_t bytes_per_row;
   thread_local std::vector<float> split;
-  if (std::is_same<F, I4>::value) {
-    if (k != 2 * job.stride) return 3;
+  if constexpr (std::is_same<F, I4>::value) {
     // Split x into even / odd columns once, so the int4 dot reads both nibbles of a byte
     // against contiguous floats.
-    split.resize(static_cast<size_t>(job.m * k));
-    for (int64_t m = 0; m < job.m; ++m) {
-      const float* src = x + m * k;
-      float* dst = split.data() + m * k;
-      for (int64_t j = 0; j < job.stride; ++j) {
+    const int64_t half = layer.k / 2;
+    split.resize(static_cast<size_t>(m * layer.k));
+    for (int64_t r = 0; r < m; ++r) {
+      const float* src = x + r * layer.k;
+      float* dst = split.data() + r * layer.k;
+      for (int64_t j = 0; j < half; ++j) {
         dst[j] = src[2 * j];
-        dst[job.stride + j] = src[2 * j + 1];
+        dst[half + j] = src[2 * j + 1];
       }
     }
     x = split.data();
-    job.k = job.stride;
-    bytes_per_row = job.stride;
+    job.stride = job.k = half;
+    bytes_per_row = half;
   } else {
-    if (k != job.stride) return 3;
-    job.k = k;
-    bytes_per_row = k * int64_t(sizeof(typename F::T));
+    job.stride = job.k = layer.k;
+    bytes_per_row = layer.k * int64_t(sizeof(typename F::T));
   }
   job.x = x;
-  job.ldx = k;
   int tasks = 1;
   if (job.n * bytes_per_row * (job.m < 4 ? 1 : 4) >= ParallelBytes()) {
     int64_t by_rows = (job.n + 7) / 8;
     tasks = pool().threads() < by_rows ? pool().threads() : static_cast<int>(by_rows);
   }
   pool().Run(tasks, &Slice<F>, &job);
+}
+
+// An entry point's (x, w[, scale][, bias]) -> y.
+int Launch(mindglm::Format format, int nparam, void** params, int* ndims, int64_t** shapes) {
+  const bool scaled = format == mindglm::kInt8 || format == mindglm::kInt4;
+  const int inputs = nparam - 1, expected = scaled ? 3 : 2;
+  if (inputs != expected && inputs != expected + 1) return 1;
+  if (ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 2;
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  const int64_t stride = format == mindglm::kInt4 ? k / 2 : k;
+  if (shapes[1][1] != stride || (format == mindglm::kInt4 && k % 2)) return 3;
+  mindglm::LinearWeights layer{format, params[1], n, k, scaled ? static_cast<const float*>(params[2]) : nullptr,
+                               inputs == expected + 1 ? static_cast<const float*>(params[expected]) : nullptr};
+  mindglm::LinearForward(layer, static_cast<const float*>(params[0]), m, static_cast<float*>(params[nparam - 1]));
   return 0;
 }
 
 }  // namespace
 
+namespace mindglm {
+
+void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float* y) {
+  auto start = std::chrono::steady_clock::now();
+  switch (layer.format) {
+    case kInt8: Multiply<I8>(layer, x, m, y); break;
+    case kInt4: Multiply<I4>(layer, x, m, y); break;
+    case kF16: Multiply<F16>(layer, x, m, y); break;
+    case kF32: Multiply<F32>(layer, x, m, y); break;
+  }
+  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t format, int64_t k,
+                LinearWeights* layer) {
+  if (format < kInt8 || format > kF32 || ndims[i] != 2 || ndims[i + 1] != 1 || ndims[i + 2] != 1) return false;
+  const int64_t n = shapes[i][0];
+  if (shapes[i][1] != (format == kInt4 ? k / 2 : k) || (format == kInt4 && k % 2) || shapes[i + 1][0] != n ||
+      shapes[i + 2][0] != n)
+    return false;
+  *layer = LinearWeights{Format(format), params[i], n, k, static_cast<const float*>(params[i + 1]),
+                         static_cast<const float*>(params[i + 2])};
+  return true;
+}
+
+}  // namespace mindglm
+
 extern "C" {
 int MatmulF32(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  return Launch<F32>(nparam, params, ndims, shapes, false);
+  return Launch(mindglm::kF32, nparam, params, ndims, shapes);
 }
 int MatmulF16(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  return Launch<F16>(nparam, params, ndims, shapes, false);
+  return Launch(mindglm::kF16, nparam, params, ndims, shapes);
 }
 int MatmulInt8(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  return Launch<I8>(nparam, params, ndims, shapes, true);
+  return Launch(mindglm::kInt8, nparam, params, ndims, shapes);
 }
 int MatmulInt4(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  return Launch<I4>(nparam, params, ndims, shapes, true);
+  return Launch(mindglm::kInt4, nparam, params, ndims, shapes);
 }
 // Nanoseconds spent in the kernels and number of calls since the last reset (benchmarks).
 int64_t MindglmKernelNanos(int reset) {
