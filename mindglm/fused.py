@@ -16,9 +16,10 @@ batched matmuls for the attention itself, which a long prompt needs. With them a
 decode step runs ~120 MindSpore ops instead of ~330, and its graph call took 7.9 ms instead of 11.0.
 
 Last, once the network is final (loaded, adapters applied: GLMModel calls `fuse_blocks`), a
-ChatGLM2/3 Block whose cells are all the fused ones becomes a KernelBlock: its cached steps are
-two kernel calls around the KV cache write (~46 ops a `small` decode step; graph call 9.1 ->
-7.5 ms in one run, the Linear kernels' own time unchanged at ~5 ms).
+ChatGLM2/3 Block whose cells are all the fused ones becomes a KernelBlock: its cached steps, prefill
+and decode, are two kernel calls around the KV cache write (~46 ops a `small` decode step; graph
+call 9.1 -> 7.5 ms in one run, the Linear kernels' own time unchanged at ~5 ms; the 6B model's
+64-token prefill graph held ~490 MB of op outputs and compile state, now ~100 MB).
 """
 from __future__ import annotations
 
@@ -143,10 +144,10 @@ def fuse_layer_ops(network) -> list:
 class KernelBlock(Block):
     """A ChatGLM2/3 Block whose steps with a KV cache are two kernel calls around the cache write
     (mindglm/kernels/block.cc): norm + qkv + rotary before it; after it, the attention over the
-    cache (decode; prefill keeps MindSpore's batched matmuls for it), dense, residual, norm, MLP
-    and residual. A layer runs 4 MindSpore ops a decode step instead of ~13. Without a cache (the
-    exact full forward) it is the Block it replaced, cell by cell. Its cells stay where they were,
-    parameter names and all."""
+    cache slots, dense, residual, norm, MLP and residual. A layer runs 4 MindSpore ops a step,
+    prefill or decode, instead of ~13 (decode) or ~25 (prefill). Without a cache (the exact full
+    forward) it is the Block it replaced, cell by cell. Its cells stay where they were, parameter
+    names and all."""
 
     def __init__(self, block: Block, attention: KernelSelfAttention):
         nn.Cell.__init__(self)   # the cells come from `block`, not from a config
@@ -162,8 +163,7 @@ class KernelBlock(Block):
         heads, kv_heads, dim = attention.num_heads, attention.kv_heads, attention.head_dim
         self.input_op = _kernel("MindglmAttentionInput", lambda h, *rest: (
             [h[0], heads, dim], [h[0], kv_heads, dim], [h[0], kv_heads, dim]), outputs=3)
-        self.mlp_op = _kernel("MindglmMlpBlock", lambda attn, h, *rest: h)
-        self.decode_op = _kernel("MindglmDecodeBlock", lambda q, keys, values, slots, allowed, scales, h, *rest: h)
+        self.output_op = _kernel("MindglmLayerOutput", lambda q, keys, values, slots, allowed, scales, h, *rest: h)
 
     def construct(self, h, cos, sin, mask, slot_mapping=None, kv_slots=None):
         if slot_mapping is None:
@@ -176,22 +176,14 @@ class KernelBlock(Block):
         q, k, v = self.input_op(rows, self.input_norm.weight.astype(ms.float32), self.input_norm.eps, self.qkv_format,
                                 qkv_w, qkv_scale, qkv_bias, cos.reshape(-1, width), sin.reshape(-1, width),
                                 attention.partner, attention.sign)
+        keys, values = attention.cache.write(k, v, slot_mapping)
         dense_w, dense_scale, dense_bias = attention.dense.kernel_operands()
         up_w, up_scale, up_bias = self.mlp.up.kernel_operands()
         down_w, down_scale, down_bias = self.mlp.down.kernel_operands()
-        norm, eps = self.post_attention_norm.weight.astype(ms.float32), self.post_attention_norm.eps
-        if seq == 1:   # shapes are static: one branch per compiled graph
-            keys, values = attention.cache.write(k, v, slot_mapping)
-            out = self.decode_op(q, keys, values, kv_slots, mask.reshape(batch, -1), attention.scales, rows,
-                                 self.mlp_formats, dense_w, dense_scale, dense_bias, norm, eps,
-                                 up_w, up_scale, up_bias, down_w, down_scale, down_bias)
-        else:
-            shape = (batch, seq, attention.kv_heads, attention.head_dim)
-            keys, values = attention.cache.update(k.reshape(shape), v.reshape(shape), slot_mapping, kv_slots)
-            q = q.reshape(batch, seq, attention.num_heads, attention.head_dim).transpose(0, 2, 1, 3)
-            attended = attention.core(q, keys, values, mask).transpose(0, 2, 1, 3).reshape(-1, attention.q_size)
-            out = self.mlp_op(attended, rows, self.mlp_formats, dense_w, dense_scale, dense_bias, norm, eps,
-                              up_w, up_scale, up_bias, down_w, down_scale, down_bias)
+        out = self.output_op(q, keys, values, kv_slots, mask.reshape(batch, seq, -1), attention.scales, rows,
+                             self.mlp_formats, dense_w, dense_scale, dense_bias,
+                             self.post_attention_norm.weight.astype(ms.float32), self.post_attention_norm.eps,
+                             up_w, up_scale, up_bias, down_w, down_scale, down_bias)
         return out.reshape(batch, seq, hidden)
 
 

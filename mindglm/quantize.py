@@ -24,6 +24,7 @@ from mindspore.common.initializer import initializer
 from mindglm.checkpoint import CheckpointError, packed_columns, quantized_module
 from mindglm.config import ConfigError
 from mindglm.fused import fuse_layer_ops
+from mindglm.loading import copy_into
 from mindglm.models.layers import Linear, ms_dtype
 from mindglm.rewrite import replace_cells
 from mindglm.runtime import one_thread_for_mindspore_ops
@@ -213,8 +214,7 @@ def _check_shape(name, shape, want):
 
 
 def _set(param, array, name):
-    _check_shape(name, array.shape, param.shape)
-    param.set_data(Tensor(np.ascontiguousarray(array), param.dtype))
+    copy_into(param, array, name)
 
 
 # ---------------------------------------------------------------------------------- policy

@@ -450,9 +450,10 @@ def _rms_reference(x, w, eps):
 
 def test_fused_block_kernels_match_numpy():
     """The layer kernels (block.cc) against float64 numpy composed step by step: norm + qkv +
-    rotary, and dense + residual + norm + SwiGLU MLP + residual, on random sizes, formats mixed
-    within a layer, more tokens than one chunk; the decode block with its cache attention; and a
-    format code or a weight shape that does not fit is refused (a status, not a crash)."""
+    rotary; attention over cache slots + dense + residual + norm + SwiGLU MLP + residual, for
+    prefill-shaped calls (several queries a row, each with its own keys) and decode-shaped ones;
+    random sizes, formats mixed within a layer, more tokens than one chunk; and a format code or
+    a weight shape that does not fit is refused (a status, not a crash)."""
     from mindglm.fused import signed_permutation
     from mindglm.kernels.build import library_path
     from mindglm.models.layers import rotate_interleaved_matrix
@@ -490,22 +491,23 @@ def test_fused_block_kernels_match_numpy():
         return h1 + _linear_reference(gate / (1 + np.exp(-gate)) * lin, formats[3], down)
 
     mlp_inputs = [code(*formats[1:]), *dense, norms[1], eps, *up, *down]
-    attn = RNG.standard_normal((tokens, heads * dim)).astype(np.float32)
-    (out,) = _call(library, "MindglmMlpBlock", [attn, h, *mlp_inputs], [h.shape])
-    _assert_close(out, mlp_reference(attn, h))
-    # decode: three rows over cache slots, then the same block
-    batch, keys, slots = 3, 11, 40
-    cache = RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)
-    kv_slots = RNG.integers(0, slots, (batch, keys)).astype(np.int32)
-    allowed = RNG.random((batch, keys)) < 0.7
-    allowed[:, 0] = True
-    scales = np.float32([1 / np.sqrt(dim), 1.0])
-    attention = [q[:batch], cache[0], cache[1], kv_slots, allowed, scales]
-    (out,) = _call(library, "MindglmDecodeBlock", attention + [h[:batch], *mlp_inputs], [(batch, hidden)])
-    attended = _attention_reference(q[:batch], cache[0], cache[1], kv_slots, allowed, *scales).reshape(batch, -1)
-    _assert_close(out, mlp_reference(attended, h[:batch]))
+    scales = np.float32([1 / np.sqrt(dim), float(RNG.uniform(0.5, 2))])
+    cache = RNG.standard_normal((2, 50, kv_heads, dim)).astype(np.float32)
+    # prefill-shaped (2 rows of 35 queries: more tokens than a chunk) and decode-shaped (3 rows of one)
+    for batch, queries, keys in [(2, tokens // 2, 40), (3, 1, 11)]:
+        kv_slots = RNG.integers(0, 50, (batch, keys)).astype(np.int32)
+        allowed = RNG.random((batch, queries, keys)) < 0.7
+        allowed[..., 0] = True
+        rows = batch * queries
+        (out,) = _call(library, "MindglmLayerOutput", [q[:rows], *cache, kv_slots, allowed, scales, h[:rows],
+                                                       *mlp_inputs], [(rows, hidden)])
+        attended = _attention_reference(q[:rows], *cache, np.repeat(kv_slots, queries, 0),
+                                        allowed.reshape(rows, keys), *scales).reshape(rows, -1)
+        _assert_close(out, mlp_reference(attended, h[:rows]))
     # refused: an unknown format code, a weight whose packing disagrees with its format
-    _call(library, "MindglmMlpBlock", [attn, h, np.int32([7, 0, 0]), *mlp_inputs[1:]], [h.shape], status=2)
+    attention = [q[:rows], *cache, kv_slots, allowed, scales, h[:rows]]
+    _call(library, "MindglmLayerOutput", attention + [np.int32([7, 0, 0]), *mlp_inputs[1:]], [(rows, hidden)],
+          status=2)
     wrong = code("int4" if formats[0] != "int4" else "int8")
     _call(library, "MindglmAttentionInput", [h, norms[0], eps, wrong, *qkv, cos, sin, partner, sign],
           [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)], status=2)

@@ -13,7 +13,8 @@
 //
 //   MindglmCacheAttention(q [B, H, D], keys [N, KV, D], values [N, KV, D], kv_slots [B, K] int32,
 //                         allowed [B, K] bool, scales [2]) -> out [B, H, D]
-//     one query per row (decode) over the cache slots kv_slots[b] names, as DotProductAttention
+//     one query per row (decode) over the cache slots kv_slots[b] names (allowed [B, S, K] with
+//     q [B * S, H, D]: S queries a row, each seeing its own keys), as DotProductAttention
 //     computes it: s = ((q * scales[0]) . k) * scales[1], keys not allowed left out (the -1e9 fill
 //     gives them exactly 0 probability), softmax in float32, then the values' weighted sum. Query
 //     head h reads key/value head h / (H / KV). A row with no key allowed (padding) averages all
@@ -58,18 +59,18 @@ void Axpy(float* out, float p, const float* v, int64_t n) {
 
 using mindglm::CacheAttention;
 
-
 void AttendRows(const CacheAttention& job, int64_t first, int64_t last) {
   const int64_t group = job.heads / job.kv_heads, kv_stride = job.kv_heads * job.dim;
   thread_local std::vector<float> scores, query;
   scores.resize(job.keys_per_row);
   query.resize(job.dim);
   for (int64_t task = first; task < last; ++task) {
-    const int64_t b = task / job.heads, h = task % job.heads, kv = h / group;
+    // task: (query row, head); a query row is (batch row, query), its keys its batch row's
+    const int64_t query_row = task / job.heads, h = task % job.heads, kv = h / group;
     const float* q = job.q + task * job.dim;
     for (int64_t d = 0; d < job.dim; ++d) query[d] = q[d] * job.query_scale;
-    const int32_t* slots = job.slots + b * job.keys_per_row;
-    const bool* allowed = job.allowed + b * job.keys_per_row;
+    const int32_t* slots = job.slots + query_row / job.queries * job.keys_per_row;
+    const bool* allowed = job.allowed + query_row * job.keys_per_row;
     bool any = false;
     float top = -INFINITY;
     for (int64_t k = 0; k < job.keys_per_row; ++k) {
@@ -98,7 +99,7 @@ void AttendRows(const CacheAttention& job, int64_t first, int64_t last) {
 
 void AttendSlice(void* ctx, int t, int tasks) {
   const CacheAttention& job = *static_cast<const CacheAttention*>(ctx);
-  const int64_t rows = job.batch * job.heads, per = (rows + tasks - 1) / tasks;
+  const int64_t rows = job.batch * job.queries * job.heads, per = (rows + tasks - 1) / tasks;
   const int64_t first = per * t, last = first + per < rows ? first + per : rows;
   if (first < last) AttendRows(job, first, last);
 }
@@ -132,7 +133,7 @@ void SplitRotateHeads(const float* qkv, int64_t tokens, const HeadLayout& layout
 }
 
 void Attend(const CacheAttention& job) {
-  const int64_t rows = job.batch * job.heads;
+  const int64_t rows = job.batch * job.queries * job.heads;
   int tasks = 1;
   if (rows * job.keys_per_row * job.dim >= kParallelWork)
     tasks = pool().threads() < rows ? pool().threads() : static_cast<int>(rows);
@@ -163,15 +164,20 @@ int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int 
 }
 
 // An AOT call's (q, keys, values, kv_slots, allowed, scales) at params[0..5]; the caller sets
-// `out`. 0, or the kernel's error code.
+// `out`. allowed is [B, K] (one query a row) or [B, S, K] (q then holds B * S query rows).
+// 0, or the kernel's error code.
 int ReadCacheAttention(void** params, int* ndims, int64_t** shapes, CacheAttention* job) {
-  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || ndims[4] != 2 || ndims[5] != 1) return 1;
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || (ndims[4] != 2 && ndims[4] != 3) ||
+      ndims[5] != 1)
+    return 1;
   *job = CacheAttention{};
-  job->batch = shapes[0][0], job->heads = shapes[0][1], job->dim = shapes[0][2];
+  job->batch = shapes[3][0], job->queries = ndims[4] == 3 ? shapes[4][1] : 1;
+  job->heads = shapes[0][1], job->dim = shapes[0][2];
   job->slot_count = shapes[1][0], job->kv_heads = shapes[1][1], job->keys_per_row = shapes[3][1];
-  if (shapes[1][2] != job->dim || shapes[2][0] != job->slot_count || shapes[2][1] != job->kv_heads ||
-      shapes[2][2] != job->dim || shapes[3][0] != job->batch || shapes[4][0] != job->batch ||
-      shapes[4][1] != job->keys_per_row || shapes[5][0] != 2 || job->kv_heads < 1 || job->heads % job->kv_heads != 0)
+  if (shapes[0][0] != job->batch * job->queries || shapes[1][2] != job->dim || shapes[2][0] != job->slot_count ||
+      shapes[2][1] != job->kv_heads || shapes[2][2] != job->dim || shapes[4][0] != job->batch ||
+      shapes[4][ndims[4] - 1] != job->keys_per_row || shapes[5][0] != 2 || job->kv_heads < 1 ||
+      job->heads % job->kv_heads != 0)
     return 2;
   job->q = static_cast<const float*>(params[0]);
   job->keys = static_cast<const float*>(params[1]);

@@ -3,23 +3,22 @@
 //
 // A decode step of the `small` model spent as long in MindSpore's runtime around its ~120 ops as
 // in its matmuls: every op costs its launch, its output allocation and its hand-over to the next
-// whatever its size. The fused norm, rotary and attention kernels brought a layer to ~13 ops;
-// these chain the same steps (layer.h) inside one op each, leaving a layer four: the input
-// block, the cache's two in-place writes, the output block.
+// whatever its size. And a compiled prefill keeps every op's output for the graph's life (the
+// 6B model's 64-token prefill: ~490 MB). The fused norm, rotary and attention kernels brought a
+// layer to ~13 ops; these chain the same steps (layer.h) inside one op each, leaving a layer four
+// in decode and prefill alike: the input block, the cache's two in-place writes, the output block.
 //
 //   MindglmAttentionInput(h [T, H], norm [H], eps [1], format [1] int32, w, scale [N], bias [N],
 //                         cos [T, R], sin [T, R], partner [R] int32, sign [R])
 //       -> q [T, heads, D], k [T, KV, D], v [T, KV, D]
 //     qkv = rms_norm(h) W^T * scale + bias, split into heads and rotated (MindglmQkvRotary).
 //
-//   MindglmMlpBlock(attn [T, Q], h [T, H], formats [3] int32, dense (w, scale [H], bias [H]),
-//                   norm [H], eps [1], up (w, scale [2F], bias [2F]), down (w, scale [H], bias [H]))
-//       -> out [T, H]
-//     h1 = h + dense(attn); out = h1 + down(swiglu(up(rms_norm(h1))))  (the block after attention)
-//
-//   MindglmDecodeBlock(q [B, heads, D], keys, values, kv_slots, allowed, scales,
-//                      <MindglmMlpBlock's inputs from h on>) -> out [B, H]
-//     one query per row: the attention over the cache (MindglmCacheAttention), then the above.
+//   MindglmLayerOutput(q [T, heads, D], keys, values, kv_slots [B, K], allowed [B, S, K], scales,
+//                      h [T, H], formats [3] int32, dense (w, scale [H], bias [H]), norm [H],
+//                      eps [1], up (w, scale [2F], bias [2F]), down (w, scale [H], bias [H]))
+//       -> out [T, H]     (T = B * S)
+//     attn = the attention over the cache (MindglmCacheAttention); h1 = h + dense(attn);
+//     out = h1 + down(swiglu(up(rms_norm(h1)))).
 //
 // Each linear layer takes (w, scale, bias) with its format's index in mindglm/quantize.py's
 // FORMATS (float layers pass a unit scale and zero bias, which change no bit). Tokens go through
@@ -43,7 +42,7 @@ struct MlpBlock {
   float eps;
 };
 
-// Reads MindglmMlpBlock's inputs from params[first] (h) on; 0 or an error code.
+// Reads MindglmLayerOutput's inputs from params[first] (h) on; 0 or an error code.
 int ReadMlpBlock(void** params, int* ndims, int64_t** shapes, int first, int64_t tokens, int64_t attn_width,
                  MlpBlock* block) {
   const int h = first, formats = first + 1, dense = first + 2, norm = first + 5, eps = first + 6,
@@ -122,30 +121,19 @@ int MindglmAttentionInput(int nparam, void** params, int* ndims, int64_t** shape
   return 0;
 }
 
-int MindglmMlpBlock(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 15 || ndims[0] != 2 || ndims[14] != 2) return 1;
-  const int64_t tokens = shapes[0][0];
-  MlpBlock block;
-  if (int status = ReadMlpBlock(params, ndims, shapes, 1, tokens, shapes[0][1], &block)) return status;
-  if (shapes[14][0] != tokens || shapes[14][1] != block.dense.n) return 2;
-  RunMlpBlock(block, static_cast<const float*>(params[0]), static_cast<const float*>(params[1]), tokens,
-              static_cast<float*>(params[14]));
-  return 0;
-}
-
-int MindglmDecodeBlock(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+int MindglmLayerOutput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
   if (nparam != 20 || ndims[19] != 2) return 1;
   mindglm::CacheAttention attention;
   if (int status = mindglm::ReadCacheAttention(params, ndims, shapes, &attention)) return status;
-  const int64_t batch = attention.batch, width = attention.heads * attention.dim;
+  const int64_t tokens = attention.batch * attention.queries, width = attention.heads * attention.dim;
   MlpBlock block;
-  if (int status = ReadMlpBlock(params, ndims, shapes, 6, batch, width, &block)) return status;
-  if (shapes[19][0] != batch || shapes[19][1] != block.dense.n) return 2;
+  if (int status = ReadMlpBlock(params, ndims, shapes, 6, tokens, width, &block)) return status;
+  if (shapes[19][0] != tokens || shapes[19][1] != block.dense.n) return 2;
   thread_local std::vector<float> attended;
-  attended.resize(batch * width);
+  attended.resize(tokens * width);
   attention.out = attended.data();
   mindglm::Attend(attention);
-  RunMlpBlock(block, attended.data(), static_cast<const float*>(params[6]), batch, static_cast<float*>(params[19]));
+  RunMlpBlock(block, attended.data(), static_cast<const float*>(params[6]), tokens, static_cast<float*>(params[19]));
   return 0;
 }
 }

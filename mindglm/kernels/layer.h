@@ -45,14 +45,14 @@ struct HeadLayout {
 };
 void SplitRotateHeads(const float* qkv, int64_t tokens, const HeadLayout& layout, float* q, float* k, float* v);
 
-// One query per row over the KV cache slots each row names (attention.cc).
+// `queries` queries per batch row over the KV cache slots the row names (attention.cc).
 struct CacheAttention {
-  const float *q, *keys, *values;  // q [batch, heads, dim]; keys, values [slot_count, kv_heads, dim]
+  const float *q, *keys, *values;  // q [batch * queries, heads, dim]; keys, values [slot_count, kv_heads, dim]
   const int32_t* slots;            // [batch, keys_per_row], each in [0, slot_count)
-  const bool* allowed;             // [batch, keys_per_row]
+  const bool* allowed;             // [batch * queries, keys_per_row]: the keys each query sees
   float query_scale, score_scale;
-  float* out;                      // [batch, heads, dim]
-  int64_t batch, heads, kv_heads, dim, keys_per_row, slot_count;
+  float* out;                      // [batch * queries, heads, dim]
+  int64_t batch, queries, heads, kv_heads, dim, keys_per_row, slot_count;
 };
 void Attend(const CacheAttention& job);
 
