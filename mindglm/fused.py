@@ -19,7 +19,7 @@ Last, once the network is final (loaded, adapters applied: GLMModel calls `fuse_
 ChatGLM2/3 Block whose cells are all the fused ones becomes a KernelBlock: its cached steps, prefill
 and decode, are two kernel calls around the KV cache write (~46 ops a `small` decode step; graph
 call 9.1 -> 7.5 ms in one run, the Linear kernels' own time unchanged at ~5 ms; the 6B model's
-64-token prefill graph held ~490 MB of op outputs and compile state, now ~100 MB).
+64-token prefill graph held +492 MB of op outputs and compile state, now +222 MB).
 """
 from __future__ import annotations
 

@@ -113,9 +113,12 @@ def parameter_data(array: np.ndarray, dtype) -> Tensor:
     weight from then on: pass a copy to keep one of your own. Views (of a memory-mapped file, of a
     reusable buffer) and other dtypes are copied."""
     array = np.ascontiguousarray(array)
-    if array.flags.owndata and array.flags.writeable and array.dtype == ms.dtype_to_nptype(dtype):
+    if array.flags.owndata and array.flags.writeable and array.dtype == _ADOPTABLE.get(dtype):
         return Tensor.from_numpy(array)
     return Tensor(array, dtype)
+
+
+_ADOPTABLE = {ms.float32: np.float32, ms.float16: np.float16, ms.int8: np.int8}  # numpy has no bfloat16
 
 
 def load_weights(network, tensors, source: str, partial: bool = False) -> WeightLoader:

@@ -162,6 +162,16 @@ def test_loader_partial_sources_dtypes_and_caches():
     load_weights(network, [("final_norm.weight", arrays["final_norm.weight"])], "norm only", partial=True)
     with pytest.raises(ValueError, match="has no place"):
         load_weights(network, [("layers.9.mlp.up.weight", arrays["layers.1.mlp.up.weight"])], "x", partial=True)
+    # an owned array in the parameter's dtype becomes its data (no second copy of a big table at
+    # load); a view (of a memory map, a reusable buffer) or another dtype is copied
+    from mindglm.loading import parameter_data
+    owned = RNG.standard_normal((6, 4)).astype(np.float16)
+    assert np.shares_memory(parameter_data(owned, ms.float16).asnumpy(), owned)
+    buffer = RNG.standard_normal((12, 4)).astype(np.float16)
+    for array, dtype in ((buffer[:6], ms.float16), (owned, ms.float32)):
+        data = parameter_data(array, dtype)
+        assert not np.shares_memory(data.asnumpy(), buffer) and not np.shares_memory(data.asnumpy(), owned)
+        np.testing.assert_array_equal(data.asnumpy(), array.astype(np.float32 if dtype == ms.float32 else np.float16))
 
 
 # ------------------------------------------------------------------ fused element-wise kernels
