@@ -15,7 +15,8 @@ cache (~12 more) become one call each too (KernelSelfAttention); prefill keeps M
 batched matmuls for the attention itself, which a long prompt needs. With them an int4 `small`
 decode step runs ~120 MindSpore ops instead of ~330, and its graph call took 7.9 ms instead of 11.0.
 
-Last, once the network is final (loaded, adapters applied: GLMModel calls `fuse_blocks`), a
+Last, once the network is final (loaded, adapters applied: the engine's ModelRunner calls
+`fuse_blocks` as it builds the cached step), a
 ChatGLM2/3 Block whose cells are all the fused ones becomes a KernelBlock: its cached steps, prefill
 and decode, are two kernel calls around the KV cache write (~46 ops a `small` decode step; graph
 call 9.1 -> 7.5 ms in one run, the Linear kernels' own time unchanged at ~5 ms; the 6B model's
@@ -208,6 +209,6 @@ def _fused_block(block: Block):
 
 def fuse_blocks(network) -> list:
     """Replace every Block whose cells all run on the kernels by its KernelBlock; returns the paths.
-    The last rewrite of an inference network: after loading and adapters (a LoRA or tensor-parallel
-    cell applied later would be skipped by the fused kernels)."""
+    The last rewrite of an inference network, made when the engine builds its cached step: after
+    loading and adapters (a P-Tuning prefix added to a loaded model, as a trainer does, is seen)."""
     return replace_cells(network, lambda path, cell: _fused_block(cell) if type(cell) is Block else None)

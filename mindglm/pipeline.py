@@ -17,7 +17,6 @@ from mindglm.adapters.prefix import prefix_length, prefixed_mask_inputs
 from mindglm.config import DTYPES, ConfigError, GLMConfig
 from mindglm.engine import Engine, EngineConfig, PromptTooLong, check_token_ids
 from mindglm.engine.model_runner import int_tensor
-from mindglm.fused import fuse_blocks
 from mindglm.generation.config import GenerationConfig
 from mindglm.loading import build_loaded_network, load_weights, with_quantize  # noqa: F401 (load_weights: API)
 from mindglm.models import family_module
@@ -36,9 +35,6 @@ class GLMModel:
     def __init__(self, config: GLMConfig, network, generation: Optional[GenerationConfig] = None,
                  engine_config: Optional[EngineConfig] = None, parallel=None):
         self.config = config
-        # The network is final here (loaded, adapters applied): the last rewrite turns the blocks
-        # whose cells all run on the CPU kernels into fused ones (mindglm/fused.py KernelBlock).
-        fuse_blocks(network)
         self.network = network
         self.parallel = parallel  # a ParallelContext when the network is one rank's tensor-parallel share
         self.generation_config = generation or GenerationConfig()

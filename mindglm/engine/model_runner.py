@@ -26,6 +26,7 @@ from mindspore import Tensor, nn
 from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, prefixed_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
+from mindglm.fused import fuse_blocks
 from mindglm.models.layers import last_visible_key
 
 # Most sequences one prefill call packs: its graph returns this many rows of logits.
@@ -75,6 +76,9 @@ class ModelRunner:
             self.prefill_keys |= {(1, chunk, window) for window in self.window_buckets}
         network.setup_caches(self.rows + 1, self.row_len)
         fill_prefix_slots(network)
+        # The cached step is compiled from the network as it is now (loaded, adapters applied): its
+        # last rewrite turns the blocks whose cells all run on the CPU kernels into fused ones.
+        fuse_blocks(network)
         self.step = CompiledStep(network)
         self.signatures = set()               # (rows, tokens, window) of each graph compiled
         self.compiles = 0
