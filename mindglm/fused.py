@@ -16,11 +16,11 @@ batched matmuls for the attention itself, which a long prompt needs. With them a
 decode step runs ~120 MindSpore ops instead of ~330, and its graph call took 7.9 ms instead of 11.0.
 
 Last, once the network is final (loaded, adapters applied: the engine's ModelRunner calls
-`fuse_blocks` as it builds the cached step), a
-ChatGLM2/3 Block whose cells are all the fused ones becomes a KernelBlock: its cached steps, prefill
-and decode, are two kernel calls around the KV cache write (~46 ops a `small` decode step; graph
-call 9.1 -> 7.5 ms in one run, the Linear kernels' own time unchanged at ~5 ms; the 6B model's
-64-token prefill graph held +492 MB of op outputs and compile state, now +222 MB).
+`fuse_blocks` as it builds the cached step), a ChatGLM2/3 Block whose cells are all the fused ones
+becomes a KernelBlock: its cached steps, prefill and decode, are two kernel calls around the KV
+cache write (~46 ops a `small` decode step; graph call 9.1 -> 7.5 ms in one run, the Linear
+kernels' own time unchanged at ~5 ms; the 6B model's 64-token prefill graph held +492 MB of op
+outputs and compile state, now +222 MB).
 """
 from __future__ import annotations
 
