@@ -534,7 +534,8 @@ def test_every_simd_level_matches_numpy(isa):
     assert kernel_simd(isa) == expected[isa]
     library = library_path(isa)
     kernels = {"int8": "MatmulInt8", "int4": "MatmulInt4", "float16": "MatmulF16", "float32": "MatmulF32"}
-    for rows, out_features, in_features in [(1, 37, 130), (1, 9, 66), (5, 41, 98), (4, 3, 2)]:
+    # (1, 9, 8202): a decode row long enough for the two-rows-a-pass dot, an odd row left over
+    for rows, out_features, in_features in [(1, 37, 130), (1, 9, 66), (5, 41, 98), (4, 3, 2), (1, 9, 8202)]:
         x = RNG.standard_normal((rows, in_features)).astype(np.float32)
         w = RNG.standard_normal((out_features, in_features)).astype(np.float32)
         for fmt, name in kernels.items():
@@ -546,7 +547,7 @@ def test_every_simd_level_matches_numpy(isa):
                 stored = w.astype(np.float16) if fmt == "float16" else w
                 inputs, want = [x, stored], reference(x, fmt, stored, None, None)
             (got,) = _call(library, name, inputs, [(rows, out_features)])
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{isa} {fmt}")
+            _assert_close(got, want)   # the scalar build sums 8202 terms in one float32 accumulator
     heads, kv_heads, dim, keys, slots = 4, 2, 24, 37, 50
     q = RNG.standard_normal((2, heads, dim)).astype(np.float32)
     cache = RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)
