@@ -167,12 +167,12 @@ class WeightLinear(nn.Cell):
         """Fill from checkpoint tensor `name` (`local`: weight, weight_scale or bias); returns the
         local names of the parameters it filled."""
         if local == "bias":
-            _set(self.bias, array, name)
+            copy_into(self.bias, array, name)
             return ["bias"]
         if local == "weight_scale":
             if not self.bits:
                 raise CheckpointError(f"'{name}' is a quantization scale but the model stores this layer as {self.fmt}")
-            _set(self.weight_scale, array, name)
+            copy_into(self.weight_scale, array, name)
             return ["weight_scale"]
         if local != "weight":
             raise CheckpointError(f"'{name}' has no place in a quantized linear layer")
@@ -181,10 +181,9 @@ class WeightLinear(nn.Cell):
         if self.bits:  # float weights into an int layer: quantize the THUDM way
             q, scale = quantize_rows(array, self.bits)
             self._store_int(q, name)
-            _set(self.weight_scale, scale, name)
+            copy_into(self.weight_scale, scale, name)
             return ["weight", "weight_scale"]
-        _check_shape(name, array.shape, (self.out_features, self.in_features))
-        _set(self.weight, array, name)
+        copy_into(self.weight, array, name)
         return ["weight"]
 
     def _load_quantized(self, array, name) -> list:
@@ -204,17 +203,7 @@ class WeightLinear(nn.Cell):
     def _store_int(self, q, name):
         if self.backend == "ascend" and self.fmt == "int4":
             q = pack_int4_along_n(unpack_int4(q))
-        _set(self.weight, q, name)
-
-
-def _check_shape(name, shape, want):
-    if tuple(shape) != tuple(want):
-        raise CheckpointError(f"'{name}' has shape {tuple(shape)}, the config says {tuple(want)}: the checkpoint "
-                              "and the model config disagree")
-
-
-def _set(param, array, name):
-    copy_into(param, array, name)
+        copy_into(self.weight, q, name)
 
 
 # ---------------------------------------------------------------------------------- policy

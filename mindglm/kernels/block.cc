@@ -45,13 +45,11 @@ struct MlpBlock {
 // Reads MindglmLayerOutput's inputs from params[first] (h) on; 0 or an error code.
 int ReadMlpBlock(void** params, int* ndims, int64_t** shapes, int first, int64_t tokens, int64_t attn_width,
                  MlpBlock* block) {
-  const int h = first, formats = first + 1, dense = first + 2, norm = first + 5, eps = first + 6,
-            up = first + 7, down = first + 10;
-  if (ndims[h] != 2 || ndims[formats] != 1 || shapes[formats][0] != 3 || ndims[norm] != 1 || ndims[eps] != 1 ||
-      shapes[eps][0] != 1)
-    return 1;
+  const int h = first, formats = first + 1, dense = first + 2, norm = first + 5, up = first + 7, down = first + 10;
+  if (ndims[h] != 2 || ndims[formats] != 1 || shapes[formats][0] != 3) return 1;
   const int64_t hidden = shapes[h][1];
-  if (shapes[h][0] != tokens || shapes[norm][0] != hidden) return 2;
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, norm, hidden, &block->norm, &block->eps)) return status;
+  if (shapes[h][0] != tokens) return 2;
   const int32_t* format = static_cast<const int32_t*>(params[formats]);
   if (!mindglm::ReadLinear(params, ndims, shapes, dense, format[0], attn_width, &block->dense) ||
       !mindglm::ReadLinear(params, ndims, shapes, up, format[1], hidden, &block->up) ||
@@ -59,8 +57,6 @@ int ReadMlpBlock(void** params, int* ndims, int64_t** shapes, int first, int64_t
       !mindglm::ReadLinear(params, ndims, shapes, down, format[2], block->up.n / 2, &block->down) ||
       block->down.n != hidden)
     return 2;
-  block->norm = static_cast<const float*>(params[norm]);
-  block->eps = *static_cast<const float*>(params[eps]);
   return 0;
 }
 
@@ -90,17 +86,16 @@ void RunMlpBlock(const MlpBlock& block, const float* attn, const float* h, int64
 
 extern "C" {
 int MindglmAttentionInput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 14 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 1 || shapes[3][0] != 1)
-    return 1;
+  if (nparam != 14 || ndims[0] != 2 || ndims[3] != 1 || shapes[3][0] != 1) return 1;
   const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
-  if (shapes[1][0] != hidden || shapes[2][0] != 1) return 2;
+  const float* norm;
+  float eps;
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, 1, hidden, &norm, &eps)) return status;
   mindglm::LinearWeights qkv;
   if (!mindglm::ReadLinear(params, ndims, shapes, 4, *static_cast<const int32_t*>(params[3]), hidden, &qkv)) return 2;
   mindglm::HeadLayout layout;
   if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 7, 11, tokens, qkv.n, &layout)) return status;
   const float* h = static_cast<const float*>(params[0]);
-  const float* norm = static_cast<const float*>(params[1]);
-  const float eps = *static_cast<const float*>(params[2]);
   float* q = static_cast<float*>(params[11]);
   float* k = static_cast<float*>(params[12]);
   float* v = static_cast<float*>(params[13]);

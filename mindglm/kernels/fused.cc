@@ -35,15 +35,25 @@ void SwiGLURows(const float* x, int64_t rows, int64_t width, float* y) {
   }
 }
 
+int ReadNorm(void** params, int* ndims, int64_t** shapes, int i, int64_t hidden, const float** weight, float* eps) {
+  if (ndims[i] != 1 || ndims[i + 1] != 1) return 1;
+  if (shapes[i][0] != hidden || shapes[i + 1][0] != 1) return 2;
+  *weight = static_cast<const float*>(params[i]);
+  *eps = *static_cast<const float*>(params[i + 1]);
+  return 0;
+}
+
 }  // namespace mindglm
 
 extern "C" {
 int MindglmRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
+  if (nparam != 4 || ndims[0] != 2 || ndims[3] != 2) return 1;
   const int64_t rows = shapes[0][0], hidden = shapes[0][1];
-  if (shapes[1][0] != hidden || shapes[2][0] != 1 || shapes[3][0] != rows || shapes[3][1] != hidden) return 2;
-  mindglm::RmsNormRows(static_cast<const float*>(params[0]), static_cast<const float*>(params[1]),
-                       *static_cast<const float*>(params[2]), rows, hidden, static_cast<float*>(params[3]));
+  const float* weight;
+  float eps;
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, 1, hidden, &weight, &eps)) return status;
+  if (shapes[3][0] != rows || shapes[3][1] != hidden) return 2;
+  mindglm::RmsNormRows(static_cast<const float*>(params[0]), weight, eps, rows, hidden, static_cast<float*>(params[3]));
   return 0;
 }
 

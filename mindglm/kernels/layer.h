@@ -31,6 +31,10 @@ bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t form
 // y = x * rsqrt(mean(x^2) + eps) * w, row by row (fused.cc).
 void RmsNormRows(const float* x, const float* w, float eps, int64_t rows, int64_t hidden, float* y);
 
+// An AOT call's norm weight [hidden] at params[i] and eps [1] at params[i + 1] (fused.cc); 0, or
+// the kernel's error code (1: ranks, 2: shapes).
+int ReadNorm(void** params, int* ndims, int64_t** shapes, int i, int64_t hidden, const float** weight, float* eps);
+
 // y [rows, width] = silu(x[:, :width]) * x[:, width:] of x [rows, 2 width] (fused.cc).
 void SwiGLURows(const float* x, int64_t rows, int64_t width, float* y);
 

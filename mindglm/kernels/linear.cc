@@ -248,6 +248,11 @@ inline void DotRows(const Job& job, int64_t row, int64_t m0, float* out) {
     DotDense<F, MB>(w, job.x + m0 * job.ldx, job.ldx, job.k, out);
 }
 
+// A row's dot product with its scale and bias applied.
+inline float Finish(const Job& job, int64_t row, float dot) {
+  return dot * (job.scale ? job.scale[row] : 1.0f) + (job.bias ? job.bias[row] : 0.0f);
+}
+
 template <class F>
 void Slice(void* ctx, int t, int tasks) {
   const Job& job = *static_cast<const Job*>(ctx);
@@ -260,22 +265,20 @@ void Slice(void* ctx, int t, int tasks) {
         const auto* w = static_cast<const typename F::T*>(job.w) + begin * job.stride;
         float out[2];
         DotDensePair<F>(w, w + job.stride, job.x, job.k, out);
-        for (int i = 0; i < 2; ++i)
-          job.y[begin + i] = out[i] * (job.scale ? job.scale[begin + i] : 1.0f) + (job.bias ? job.bias[begin + i] : 0.0f);
+        for (int i = 0; i < 2; ++i) job.y[begin + i] = Finish(job, begin + i, out[i]);
       }
     }
   }
   for (int64_t row = begin; row < end; ++row) {   // (the odd row left after the pairs, if any)
-    float s = job.scale ? job.scale[row] : 1.0f, b = job.bias ? job.bias[row] : 0.0f;
     int64_t m0 = 0;
     float out[4];
     for (; m0 + 4 <= job.m; m0 += 4) {
       DotRows<F, 4>(job, row, m0, out);
-      for (int i = 0; i < 4; ++i) job.y[(m0 + i) * job.n + row] = out[i] * s + b;
+      for (int i = 0; i < 4; ++i) job.y[(m0 + i) * job.n + row] = Finish(job, row, out[i]);
     }
     for (; m0 < job.m; ++m0) {
       DotRows<F, 1>(job, row, m0, out);
-      job.y[m0 * job.n + row] = out[0] * s + b;
+      job.y[m0 * job.n + row] = Finish(job, row, out[0]);
     }
   }
 }
@@ -325,6 +328,11 @@ void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, fl
   pool().Run(tasks, &Slice<F>, &job);
 }
 
+// Whether a weight stored `stride` elements a row holds rows of k inputs in `format` (int4: two a byte).
+bool FitsFormat(mindglm::Format format, int64_t k, int64_t stride) {
+  return format == mindglm::kInt4 ? k % 2 == 0 && stride == k / 2 : stride == k;
+}
+
 // An entry point's (x, w[, scale][, bias]) -> y.
 int Launch(mindglm::Format format, int nparam, void** params, int* ndims, int64_t** shapes) {
   const bool scaled = format == mindglm::kInt8 || format == mindglm::kInt4;
@@ -332,8 +340,7 @@ int Launch(mindglm::Format format, int nparam, void** params, int* ndims, int64_
   if (inputs != expected && inputs != expected + 1) return 1;
   if (ndims[0] != 2 || ndims[1] != 2 || ndims[nparam - 1] != 2) return 2;
   const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
-  const int64_t stride = format == mindglm::kInt4 ? k / 2 : k;
-  if (shapes[1][1] != stride || (format == mindglm::kInt4 && k % 2)) return 3;
+  if (!FitsFormat(format, k, shapes[1][1])) return 3;
   mindglm::LinearWeights layer{format, params[1], n, k, scaled ? static_cast<const float*>(params[2]) : nullptr,
                                inputs == expected + 1 ? static_cast<const float*>(params[expected]) : nullptr};
   mindglm::LinearForward(layer, static_cast<const float*>(params[0]), m, static_cast<float*>(params[nparam - 1]));
@@ -361,9 +368,7 @@ bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t form
                 LinearWeights* layer) {
   if (format < kInt8 || format > kF32 || ndims[i] != 2 || ndims[i + 1] != 1 || ndims[i + 2] != 1) return false;
   const int64_t n = shapes[i][0];
-  if (shapes[i][1] != (format == kInt4 ? k / 2 : k) || (format == kInt4 && k % 2) || shapes[i + 1][0] != n ||
-      shapes[i + 2][0] != n)
-    return false;
+  if (!FitsFormat(Format(format), k, shapes[i][1]) || shapes[i + 1][0] != n || shapes[i + 2][0] != n) return false;
   *layer = LinearWeights{Format(format), params[i], n, k, static_cast<const float*>(params[i + 1]),
                          static_cast<const float*>(params[i + 2])};
   return true;
