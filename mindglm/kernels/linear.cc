@@ -83,6 +83,25 @@ inline float Scalar(float w) { return w; }
 inline float Scalar(uint16_t w) { return HalfToFloat(w); }
 inline float Scalar(int8_t w) { return float(w); }
 
+// The one-row weight loops ask for the weight bytes kPrefetchBytes ahead of what they read, into
+// L2 (T1): the hardware prefetcher alone falls behind the weight stream (the two-row pass above
+// measured the same with and without). On 2 Zen 4 cores this took
+// the 6B-shaped int4 decode step from 274-290 to 206-217 ms (NTA then; 1-8 KiB ahead alike) and
+// left the dense formats as they were. On 2 Xeon (AVX-512, AMX) cores, the `small` step's 33
+// matrices alone, interleaved in one process (median of 15): int8 15.7 -> 8.8 ms, fp16 16.4 ->
+// 11.8, int4 7.6 -> 6.0 (with NTA it was the slowest), fp32 26.2 -> 24.0; the 6B-shaped layer set
+// fp16 82 -> 63 ms, int8 68 -> 46. 2 KiB ahead was slower on `small`, 8 KiB on the 6B set.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// The loop step reading bytes [at, at + bytes) of a weight row: one request per 64 bytes it
+// starts, kPrefetchBytes further on.
+inline void PrefetchAhead(const void* row, int64_t at, int64_t bytes) {
+#ifdef MG_AVX2
+  for (int64_t line = (at + 63) & ~int64_t(63); line < at + bytes; line += 64)
+    _mm_prefetch(static_cast<const char*>(row) + line + kPrefetchBytes, _MM_HINT_T1);
+#endif
+}
+
 // Dense formats: one weight per element.
 template <class F, int MB>
 void DotDense(const typename F::T* w, const float* x, int64_t ldx, int64_t k, float* out) {
@@ -93,6 +112,7 @@ void DotDense(const typename F::T* w, const float* x, int64_t ldx, int64_t k, fl
   for (int m = 0; m < MB; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   for (; i + 8 * U <= k; i += 8 * U) {
+    PrefetchAhead(w, i * int64_t(sizeof(*w)), 8 * U * int64_t(sizeof(*w)));
     for (int u = 0; u < U; ++u) {
       __m256 wv = Load8(w + i + 8 * u);
       for (int m = 0; m < MB; ++m)
@@ -154,18 +174,6 @@ void DotDensePair(const typename F::T* w0, const typename F::T* w1, const float*
 }
 
 // int4: `half` = K/2 packed bytes per row; x rows hold [even columns | odd columns].
-//
-// The int4 loops are bound by their instructions, so the hardware prefetcher falls behind the
-// weight stream; asking for the line kPrefetchBytes ahead (non-temporal: each weight is read
-// once a step) took the 6B-shaped model's decode step from 274-290 to 206-217 ms (interleaved in
-// one process; 1-8 KiB ahead alike, T0 like NTA). The dense formats gained nothing from it.
-constexpr int64_t kPrefetchBytes = 2048;
-
-inline void PrefetchWeights(const int8_t* w, int64_t j) {
-#ifdef MG_AVX2
-  if ((j & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + j + kPrefetchBytes), _MM_HINT_NTA);
-#endif
-}
 
 template <int MB>
 void DotInt4(const int8_t* w, const float* x, int64_t ldx, int64_t half, float* out) {
@@ -184,7 +192,7 @@ void DotInt4(const int8_t* w, const float* x, int64_t ldx, int64_t half, float* 
     for (int m = 0; m < MB; ++m)
       for (int u = 0; u < U; ++u) even[m][u] = odd[m][u] = _mm512_setzero_ps();
     for (; j + 16 * U <= half; j += 16 * U) {
-      PrefetchWeights(w, j);
+      PrefetchAhead(w, j, 16 * U);
       for (int u = 0; u < U; ++u) {
         const int64_t at = j + 16 * u;
         __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + at)));
@@ -208,7 +216,7 @@ void DotInt4(const int8_t* w, const float* x, int64_t ldx, int64_t half, float* 
     __m256 acc[MB][2];
     for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (; j + 8 <= half; j += 8) {
-      PrefetchWeights(w, j);
+      PrefetchAhead(w, j, 8);
       __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j)));
       __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));                          // column 2j
       __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));  // column 2j+1
