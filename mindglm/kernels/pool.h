@@ -3,8 +3,16 @@
 // The threads are persistent and spin briefly before sleeping: OpenMP's team wake-up cost ~45 us
 // per call on 2 cores next to MindSpore's own pool (32 chained calls: +1.5 ms with 2 OpenMP
 // threads against +0.09 ms with 1), more than a small matrix takes to multiply.
+//
+// The spin is bounded in time, not in pause instructions (a pause takes ~11 ns on one Xeon and a
+// few on other cores): long enough to cover MindSpore's gap between two kernels of a step (15-100
+// us in its profiler on the `small` decode step, the longest after the big ops), short against
+// the gap between steps. 2000 pauses (23 us on that Xeon) let the worker fall asleep between most
+// kernels, and each kernel then paid a futex wake-up: the int4 `small` decode graph took 7.8 ms
+// against 5.7-6.3 with 70-230 us of spinning.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <thread>
@@ -22,8 +30,8 @@ class Pool {
     const char* env = std::getenv("MINDGLM_KERNEL_THREADS");
     int n = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
     threads_ = n < 1 ? 1 : (n > 64 ? 64 : n);
-    const char* spin = std::getenv("MINDGLM_KERNEL_SPIN");
-    spin_ = spin ? std::atoi(spin) : 2000;
+    const char* spin = std::getenv("MINDGLM_KERNEL_SPIN_US");
+    spin_ = std::chrono::microseconds(spin ? std::atoi(spin) : 200);
     for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { Loop(t); });
   }
   ~Pool() {
@@ -44,7 +52,7 @@ class Pool {
     generation_.notify_all();
     fn(ctx, 0, tasks);
     // Wait for the others: spin briefly, then sleep (a descheduled worker must not cost a core).
-    for (int spin = 0; spin < spin_ && pending_.load(std::memory_order_acquire) != 0; ++spin) Pause();
+    Spin([this] { return pending_.load(std::memory_order_acquire) == 0; });
     for (int left; (left = pending_.load(std::memory_order_acquire)) != 0;) pending_.wait(left);
     busy_.store(false, std::memory_order_release);
   }
@@ -55,16 +63,25 @@ class Pool {
     _mm_pause();
 #endif
   }
+  // Pauses until done() or spin_ has passed (the clock read every 64 pauses); returns done().
+  template <class Done>
+  bool Spin(Done done) const {
+    const auto until = std::chrono::steady_clock::now() + spin_;
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (done()) return true;
+        Pause();
+      }
+      if (std::chrono::steady_clock::now() >= until) return done();
+    }
+  }
   void Loop(int t) {
     uint64_t seen = 0;
     for (;;) {
-      // Spin a little (back-to-back kernels of one decode step are microseconds apart), then
-      // sleep on a futex: on a loaded machine, a spinning thread steals the core the caller needs.
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; now == seen && spin < spin_; ++spin) {
-        Pause();
-        now = generation_.load(std::memory_order_acquire);
-      }
+      // Spin through the gap to the step's next kernel (see the top), then sleep on a futex: on
+      // a loaded machine, a spinning thread steals the core the caller needs.
+      uint64_t now = seen;
+      Spin([&] { return (now = generation_.load(std::memory_order_acquire)) != seen; });
       if (now == seen) { generation_.wait(seen); continue; }
       seen = now;
       if (stop_.load()) return;
@@ -75,7 +92,7 @@ class Pool {
     }
   }
   int threads_ = 1;
-  int spin_ = 2000;
+  std::chrono::microseconds spin_{200};
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
