@@ -189,9 +189,9 @@ def child(root: str, engine: str, fmt: str, prompt_len: int, new_tokens: int, re
 
 def run(root: str, formats: list, engines: list, rounds: int, prompt_len: int, new_tokens: int,
         repeats: int) -> dict:
-    from bench_generate import load_average
+    from bench_generate import cpu_name, load_average
     report = {"root": root, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
-              "load_average_start": load_average(), "runs": []}
+              "cpu": cpu_name(), "cpus": os.cpu_count(), "load_average_start": load_average(), "runs": []}
     for _ in range(rounds):
         for fmt in formats:
             for engine in engines:

@@ -208,6 +208,18 @@ def load_average() -> list:
         return []
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo): ratios from two machines are not comparable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def tensor_parallel_bench(config, weights, args, report) -> int:
     """--tensor-parallel: the split model against the whole one, on every rank of the launch."""
     from mindspore import Tensor, ops
@@ -460,7 +472,8 @@ def main(argv=None) -> int:
     report = {"config": args.config, "model": CONFIGS[args.config], "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats,
               "threads": args.threads, "load_average_start": load_average(),
-              "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "mindspore": ms.__version__}}
+              "host": {"cpus": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version(),
+                       "mindspore": ms.__version__}}
 
     report["random_weights_s"], weights = timed(random_weights, config, args.seed)
     n_params = sum(a.size for a in weights.values())
