@@ -557,3 +557,36 @@ def test_every_simd_level_matches_numpy(isa):
                    [q, cache[0], cache[1], kv_slots, allowed, np.float32([0.2, 1.0])], [q.shape])
     np.testing.assert_allclose(got, _attention_reference(q, cache[0], cache[1], kv_slots, allowed, 0.2, 1.0),
                                rtol=1e-5, atol=1e-5, err_msg=isa)
+
+
+POOL_WITHOUT_SPIN = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_kernels import _assert_close, _call, reference
+from mindglm.kernels.build import library_path
+
+rng = np.random.default_rng(3)
+x = rng.standard_normal((1, 1024)).astype(np.float32)
+w = rng.standard_normal((777, 1024)).astype(np.float32)   # 3 MB: split over both threads
+first = None
+for _ in range(300):
+    (got,) = _call(library_path(), "MatmulF32", [x, w], [(1, 777)])
+    first = got if first is None else first
+    assert np.array_equal(got, first)          # each row is one thread's sum: the same every call
+_assert_close(first, reference(x, "float32", w, None, None))
+"""
+
+
+def test_kernel_pool_sleeping_workers():
+    """MINDGLM_KERNEL_SPIN_US=0: the pool's worker sleeps on its futex after every kernel and each
+    call wakes it (the caller sleeps until the worker's half is done): 300 threaded calls in a row
+    give numpy's result every time, and none is lost (a missed wake-up would hang: timeout)."""
+    import os
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MINDGLM_KERNEL_SPIN_US="0", MINDGLM_KERNEL_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", POOL_WITHOUT_SPIN.format(tests=tests)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -4,12 +4,12 @@
 // per call on 2 cores next to MindSpore's own pool (32 chained calls: +1.5 ms with 2 OpenMP
 // threads against +0.09 ms with 1), more than a small matrix takes to multiply.
 //
-// The spin is bounded in time, not in pause instructions (a pause takes ~11 ns on one Xeon and a
-// few on other cores): long enough to cover MindSpore's gap between two kernels of a step (15-100
-// us in its profiler on the `small` decode step, the longest after the big ops), short against
-// the gap between steps. 2000 pauses (23 us on that Xeon) let the worker fall asleep between most
-// kernels, and each kernel then paid a futex wake-up: the int4 `small` decode graph took 7.8 ms
-// against 5.7-6.3 with 70-230 us of spinning.
+// The spin is bounded in time, not in pause instructions (a pause took 11.5 ns on one Xeon; its
+// latency differs several-fold between CPUs): long enough to cover MindSpore's gap between two
+// kernels of a step (15-100 us in its profiler on the `small` decode step, the longest after the
+// big ops), short against the gap between steps. 2000 pauses (23 us on that Xeon) let the worker
+// fall asleep between most kernels, and each kernel then paid a futex wake-up: the int4 `small`
+// decode graph took 7.8 ms against 5.7-6.6 with 70-230 us of spinning.
 #pragma once
 #include <atomic>
 #include <chrono>
