@@ -209,15 +209,9 @@ def load_average() -> list:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo): ratios from two machines are not comparable."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    """The CPU's model name: ratios from two machines are not comparable."""
+    from mindglm.kernels.build import cpuinfo_field
+    return cpuinfo_field("model name") or platform.processor()
 
 
 def tensor_parallel_bench(config, weights, args, report) -> int:

@@ -31,16 +31,21 @@ class KernelBuildError(ConfigError):
     ConfigError, so the front ends print it as one line like any other setup mistake)."""
 
 
-def cpu_features() -> frozenset:
-    """The x86 feature flags of this CPU (empty where /proc/cpuinfo has none, e.g. on ARM)."""
+def cpuinfo_field(name: str) -> "str | None":
+    """The first /proc/cpuinfo line `name : value`'s value, or None (no such line or file)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_features() -> frozenset:
+    """The x86 feature flags of this CPU (empty where /proc/cpuinfo has none, e.g. on ARM)."""
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 # $MINDGLM_KERNEL_ISA caps the instruction set the kernels are built for (the widest the CPU has,
