@@ -22,6 +22,7 @@ from mindglm.io.sources import list_tensors  # noqa: E402
 from mindglm.io.weights import iter_mindglm_tensors  # noqa: E402
 from mindglm.pipeline import build_model  # noqa: E402
 from mindglm.quantize import WeightLinear  # noqa: E402
+from mindglm import weight_formats  # noqa: E402
 from mindglm.weight_formats import (dequantize, pack_int4, pack_int4_along_n, quantize_rows,  # noqa: E402
                                     unpack_int4)
 
@@ -59,7 +60,10 @@ def model(family, kind, **changes):
 # ------------------------------------------------------------------ THUDM's format, in numpy
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantizing_fp16_reproduces_thudm_bytes(family, fmt):
+@pytest.mark.parametrize("block", ["default", "one row"])
+def test_quantizing_fp16_reproduces_thudm_bytes(family, fmt, block, monkeypatch):
+    if block == "one row":   # a big matrix is quantized in blocks of rows: they must not change a byte
+        monkeypatch.setattr(weight_formats, "QUANTIZE_BLOCK_BYTES", 1)
     fp16, shipped = tensors(quant_dir(family, "fp16")), tensors(quant_dir(family, fmt))
     scales = [n for n in shipped if n.endswith(".weight_scale")]
     assert len(scales) == 8
