@@ -62,11 +62,28 @@ def compile_flags(features=None, isa: str = None) -> list:
         raise KernelBuildError(f"MINDGLM_KERNEL_ISA={isa!r} is not one of {', '.join(ISA_LEVELS)}: "
                                "unset it to build for this CPU")
     flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
-    if isa != "portable" and all(f in features for f in SIMD_FEATURES):
+    simd = isa != "portable" and all(f in features for f in SIMD_FEATURES)
+    if simd:
         flags.append("-march=native")
         if isa == "avx2":
             flags.append("-mno-avx512f")   # and with it every AVX-512 extension
+    avx512 = simd and isa == "native" and "avx512f" in features
+    flags.append(f"-DMG_PREFETCH_WEIGHTS={int(prefetch_weights(avx512))}")
     return flags
+
+
+def prefetch_weights(avx512: bool) -> bool:
+    """Whether the weight loops prefetch ahead in software ($MINDGLM_KERNEL_PREFETCH=1 / 0, else
+    on for AVX-512 builds only). Measured on 2 cores, the `small` decode step's 33 matrices: the
+    two AVX-512 CPUs gained (a Xeon: every format, fp32 26.2 -> 24.0 ms, int8 15.7 -> 8.8; a Zen 4:
+    the int4 loops), the one AVX2-only CPU lost (a Zen 1 EPYC: fp32 24.1 vs 25.4 ms, int8 14.4
+    vs 15.1, int4 15.8 vs 17.8 without and with), where the hardware prefetcher keeps up alone.
+    A CPU of another kind should be measured both ways (linear.cc names the loops)."""
+    setting = os.environ.get("MINDGLM_KERNEL_PREFETCH")
+    if setting not in (None, "", "0", "1"):
+        raise KernelBuildError(f"MINDGLM_KERNEL_PREFETCH={setting!r} is not 0 or 1: unset it to let the "
+                               "kernels choose for this CPU")
+    return avx512 if setting in (None, "") else setting == "1"
 
 
 def cache_dir() -> str:

@@ -84,21 +84,25 @@ inline float Scalar(uint16_t w) { return HalfToFloat(w); }
 inline float Scalar(int8_t w) { return float(w); }
 
 // The one-row weight loops ask for the weight bytes kPrefetchBytes ahead of what they read, into
-// L2 (T1): the hardware prefetcher alone falls behind the weight stream (the two-row pass above
-// measured the same with and without). On 2 Zen 4 cores this took the 6B-shaped int4 decode step
-// from 274-290 to 206-217 ms (NTA then; 1-8 KiB ahead alike) and left the dense formats as they
-// were. On 2 Xeon (AVX-512, AMX) cores, the `small` step's 33 matrices alone, interleaved in one
-// process (median of 15): int8 15.7 -> 8.8 ms, fp16 16.4 -> 11.8, int4 7.6 -> 6.0 (NTA was the
-// slowest there), fp32 26.2 -> 24.0; the 6B-shaped layer set fp16 82 -> 63 ms, int8 68 -> 46.
-// 2 KiB ahead was slower on `small`, 8 KiB on the 6B set.
+// L2 (T1), where MG_PREFETCH_WEIGHTS is 1 (build.py prefetch_weights: AVX-512 builds, by default).
+// There the hardware prefetcher alone fell behind the weight stream: on 2 Zen 4 cores this took
+// the 6B-shaped int4 decode step from 274-290 to 206-217 ms (NTA then; 1-8 KiB ahead alike) and
+// left the dense formats as they were; on 2 Xeon (AVX-512, AMX) cores, the `small` step's 33
+// matrices alone, interleaved in one process (median of 15): int8 15.7 -> 8.8 ms, fp16 16.4 ->
+// 11.8, int4 7.6 -> 6.0 (NTA was the slowest there), fp32 26.2 -> 24.0; the 6B-shaped layer set
+// fp16 82 -> 63 ms, int8 68 -> 46. 2 KiB ahead was slower on `small`, 8 KiB on the 6B set. On 2
+// Zen 1 cores (AVX2 only) every hint and distance lost to none (fp32 24.1 ms without, 24.4-25.7
+// with T0 / T1 / NTA at 1-8 KiB). The two-row pass below reads without it on every CPU.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // The loop step reading bytes [at, at + bytes) of a weight row: one request per 64 bytes it
 // starts, kPrefetchBytes further on.
 inline void PrefetchAhead(const void* row, int64_t at, int64_t bytes) {
-#ifdef MG_AVX2
+#if defined(MG_AVX2) && MG_PREFETCH_WEIGHTS
   for (int64_t line = (at + 63) & ~int64_t(63); line < at + bytes; line += 64)
     _mm_prefetch(static_cast<const char*>(row) + line + kPrefetchBytes, _MM_HINT_T1);
+#else
+  (void)row, (void)at, (void)bytes;
 #endif
 }
 
