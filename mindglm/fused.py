@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindspore.ops import signature as sig
 
 from mindglm.models.base import Block
 from mindglm.models.glm2 import SwiGLU
@@ -34,10 +35,22 @@ from mindglm.models.layers import DotProductAttention, RMSNorm, SelfAttention
 from mindglm.rewrite import replace_cells
 
 
-def _kernel(name: str, out_shape, outputs: int = 1):
+def _kernel(name: str, out_shape, outputs: int = 1, inputs: int = 0, written=()):
+    """The library's entry point `name` as an op; `written`: positions (of `inputs`) of Parameters
+    the kernel writes in place, declared as MindSpore's own in-place ops declare their target
+    (ScatterUpdate: a RW_WRITE signature and a memory side effect), so the compiler orders the
+    writes against every read of those Parameters."""
     from mindglm.kernels.build import library_path
     out_dtype = ms.float32 if outputs == 1 else (ms.float32,) * outputs
-    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    kind = ops.Custom
+    if written:
+        signature = tuple(sig.make_sig(f"x{i}", sig.sig_rw.RW_WRITE if i in written else sig.sig_rw.RW_READ)
+                          for i in range(inputs))
+        kind = type("WritingCustom", (ops.Custom,), {"__mindspore_signature__": signature})
+    op = kind(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    if written:
+        op.add_prim_attr("side_effect_mem", True)
+    return op
 
 
 class KernelRMSNorm(RMSNorm):
@@ -148,7 +161,8 @@ class KernelBlock(Block):
     cache slots, dense, residual, norm, MLP and residual. A layer runs 4 MindSpore ops a step,
     prefill or decode, instead of ~13 (decode) or ~25 (prefill). Without a cache (the exact full
     forward) it is the Block it replaced, cell by cell. Its cells stay where they were, parameter
-    names and all."""
+    names and all. A network of KernelBlocks alone runs its cached step as one call instead
+    (KernelStackStep), from the same operands."""
 
     def __init__(self, block: Block, attention: KernelSelfAttention):
         nn.Cell.__init__(self)   # the cells come from `block`, not from a config
@@ -158,33 +172,46 @@ class KernelBlock(Block):
         # a P-Tuning PrefixAttention with a cache is its inner attention (the prefix sits in the cache)
         self.wrapped = attention is not block.attention
         from mindglm.quantize import FORMATS
-        self.qkv_format = Tensor([FORMATS.index(attention.qkv.fmt)], ms.int32)
-        self.mlp_formats = Tensor([FORMATS.index(layer.fmt) for layer in (attention.dense, self.mlp.up, self.mlp.down)],
-                                  ms.int32)
+        formats = [FORMATS.index(layer.fmt) for layer in (attention.qkv, attention.dense, self.mlp.up, self.mlp.down)]
+        self.formats = Tensor(formats, ms.int32)
+        self.qkv_format, self.mlp_formats = Tensor(formats[:1], ms.int32), Tensor(formats[1:], ms.int32)
         heads, kv_heads, dim = attention.num_heads, attention.kv_heads, attention.head_dim
         self.input_op = _kernel("MindglmAttentionInput", lambda h, *rest: (
             [h[0], heads, dim], [h[0], kv_heads, dim], [h[0], kv_heads, dim]), outputs=3)
         self.output_op = _kernel("MindglmLayerOutput", lambda q, keys, values, slots, allowed, scales, h, *rest: h)
 
+    def kernel_attention(self) -> KernelSelfAttention:
+        return self.attention.attention if self.wrapped else self.attention
+
+    def input_operands(self) -> tuple:
+        """The input block's norm weight and eps, and its qkv layer (weight, scale, bias)."""
+        norm = self.input_norm
+        return (norm.weight.astype(ms.float32), norm.eps) + self.kernel_attention().qkv.kernel_operands()
+
+    def mlp_operands(self) -> tuple:
+        """The output block's dense layer, norm weight and eps, up and down layers."""
+        norm = self.post_attention_norm
+        return (self.kernel_attention().dense.kernel_operands() + (norm.weight.astype(ms.float32), norm.eps) +
+                self.mlp.up.kernel_operands() + self.mlp.down.kernel_operands())
+
+    def stack_operands(self) -> tuple:
+        """This layer's 20 arguments of MindglmLayerStack (block.cc)."""
+        attention = self.kernel_attention()
+        return (self.input_operands() + (attention.cache.key, attention.cache.value, attention.scales, self.formats) +
+                self.mlp_operands())
+
     def construct(self, h, cos, sin, mask, slot_mapping=None, kv_slots=None):
         if slot_mapping is None:
             return super().construct(h, cos, sin, mask)
-        attention = self.attention.attention if self.wrapped else self.attention
+        attention = self.kernel_attention()
         batch, seq, hidden = h.shape
         width = cos.shape[-1]
         rows = h.reshape(-1, hidden)
-        qkv_w, qkv_scale, qkv_bias = attention.qkv.kernel_operands()
-        q, k, v = self.input_op(rows, self.input_norm.weight.astype(ms.float32), self.input_norm.eps, self.qkv_format,
-                                qkv_w, qkv_scale, qkv_bias, cos.reshape(-1, width), sin.reshape(-1, width),
-                                attention.partner, attention.sign)
+        q, k, v = self.input_op(rows, self.qkv_format, *self.input_operands(), cos.reshape(-1, width),
+                                sin.reshape(-1, width), attention.partner, attention.sign)
         keys, values = attention.cache.write(k, v, slot_mapping)
-        dense_w, dense_scale, dense_bias = attention.dense.kernel_operands()
-        up_w, up_scale, up_bias = self.mlp.up.kernel_operands()
-        down_w, down_scale, down_bias = self.mlp.down.kernel_operands()
         out = self.output_op(q, keys, values, kv_slots, mask.reshape(batch, seq, -1), attention.scales, rows,
-                             self.mlp_formats, dense_w, dense_scale, dense_bias,
-                             self.post_attention_norm.weight.astype(ms.float32), self.post_attention_norm.eps,
-                             up_w, up_scale, up_bias, down_w, down_scale, down_bias)
+                             self.mlp_formats, *self.mlp_operands())
         return out.reshape(batch, seq, hidden)
 
 
@@ -212,3 +239,56 @@ def fuse_blocks(network) -> list:
     The last rewrite of an inference network, made when the engine builds its cached step: after
     loading and adapters (a P-Tuning prefix added to a loaded model, as a trainer does, is seen)."""
     return replace_cells(network, lambda path, cell: _fused_block(cell) if type(cell) is Block else None)
+
+
+# MindglmLayerStack's arguments (block.cc): 8 shared, then 20 a layer, the keys and values 5th and 6th.
+STACK_SHARED, STACK_PER_LAYER, STACK_CACHE = 8, 20, (5, 6)
+
+
+class KernelStackStep(nn.Cell):
+    """The engine's cached step (the inputs and result of ModelRunner's CompiledStep) for a network
+    whose layers are all KernelBlocks: every layer in one kernel call (MindglmLayerStack), which
+    writes each layer's KV cache itself, between the network's own embedding, rotary and mask
+    (`layer_inputs`) and its final norm and output layer (`to_logits`).
+
+    An op launched after a kernel that streamed its weights through the CPU caches finds
+    MindSpore's runtime state evicted: with a stub kernel, a launch cost 57 us after 40 MB read
+    against 7 us after 4 KB. A `small` decode step of KernelBlocks launches 33 ops among its
+    layers (two kernels and two cache writes each) and spent ~1.2 ms between them; here there
+    are none. The blocks and their cells stay as they are: the uncached forward, the adapters and
+    the checkpoint see KernelBlocks."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+        attention = network.layers[0].kernel_attention()
+        self.partner, self.sign = attention.partner, attention.sign
+        count = len(network.layers)
+        written = {STACK_SHARED + layer * STACK_PER_LAYER + i for layer in range(count) for i in STACK_CACHE}
+        self.op = _kernel("MindglmLayerStack", lambda h, *rest: h, inputs=STACK_SHARED + count * STACK_PER_LAYER,
+                          written=written)
+
+    @ms.jit
+    def construct(self, input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
+                  logits_index):
+        network = self.network
+        h, cos, sin, mask = network.layer_inputs(input_ids, position_ids, key_valid, query_first, query_last)
+        batch, seq, hidden = h.shape
+        width = cos.shape[-1]
+        operands = ()
+        for block in network.layers:
+            operands = operands + block.stack_operands()
+        out = self.op(h.reshape(-1, hidden), cos.reshape(-1, width), sin.reshape(-1, width), self.partner, self.sign,
+                      slot_mapping, kv_slots, mask.reshape(batch, seq, -1), *operands)
+        return network.to_logits(out.reshape(batch, seq, hidden), logits_index)
+
+
+def stackable(network) -> bool:
+    """Whether every layer of `network` is a KernelBlock with the same rotary pairing (one call
+    takes one partner / sign table for all of them)."""
+    layers = list(network.layers)
+    if not layers or any(type(block) is not KernelBlock for block in layers):
+        return False
+    first = layers[0].kernel_attention()
+    return all(np.array_equal(block.kernel_attention().partner.asnumpy(), first.partner.asnumpy()) and
+               np.array_equal(block.kernel_attention().sign.asnumpy(), first.sign.asnumpy()) for block in layers)

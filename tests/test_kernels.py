@@ -233,7 +233,9 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     and loading schema unchanged, logits those of the portable backend (dequantize + MatMul,
     MindSpore's own norm and activation ops) on the same weights; float16 compute is left alone."""
     from mindglm.checkpoint import expected_shapes
-    from mindglm.fused import KernelBlock, KernelRMSNorm, KernelSelfAttention, KernelSwiGLU, fuse_blocks
+    from mindglm.engine.model_runner import CompiledStep
+    from mindglm.fused import (KernelBlock, KernelRMSNorm, KernelSelfAttention, KernelStackStep, KernelSwiGLU,
+                               fuse_blocks, stackable)
     from mindglm.models.glm2 import SwiGLU
     from mindglm.models.layers import RMSNorm, SelfAttention
     from mindglm.pipeline import GLMModel
@@ -276,6 +278,9 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     np.testing.assert_array_equal(steps["auto"][-1], steps["portable"][-1])
     assert all(type(block) is KernelBlock for block in fused.layers)   # since its cached step was built
     assert not any(isinstance(block, KernelBlock) for block in portable.layers)
+    # ... and the cached step is every layer in one call (RecordingRunner keeps the ModelRunner)
+    assert type(models["auto"].engine.runner.runner.step) is KernelStackStep
+    assert type(models["portable"].engine.runner.runner.step) is CompiledStep
     # a P-Tuning prefix wraps the fused attention like the plain one: its P slots lead every cache row
     from mindglm.adapters.prefix import apply_prefix
     config = tiny_config()
@@ -296,6 +301,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
         assert isinstance(network.layers[0].attention.attention,
                           KernelSelfAttention if backend == "auto" else SelfAttention)
         assert isinstance(network.layers[0], KernelBlock) == (backend == "auto")
+        assert stackable(network) == (backend == "auto")
     np.testing.assert_array_equal(replies["auto"][0], replies["portable"][0])
     np.testing.assert_allclose(replies["auto"][1], replies["portable"][1], atol=1e-4, rtol=0)
     for ours, theirs in zip(recorded["auto"], recorded["portable"], strict=True):
@@ -319,6 +325,7 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     quantize_network(network, config)
     network.layers[1].attention.dense = LoRALinear(network.layers[1].attention.dense, 2, 1.0)
     assert fuse_blocks(network) == ["layers.0"]
+    assert not stackable(network)   # one block left unfused: the blocks step one by one
 
 
 # ------------------------------------------------------------------ fused attention kernels
@@ -487,7 +494,7 @@ def test_fused_block_kernels_match_numpy():
     cos, sin = np.cos(angles), np.sin(angles)
     code = lambda *fmts: np.int32([FORMATS.index(f) for f in fmts])  # noqa: E731
     q, k, v = _call(library, "MindglmAttentionInput",
-                    [h, norms[0], eps, code(formats[0]), *qkv, cos, sin, partner, sign],
+                    [h, code(formats[0]), norms[0], eps, *qkv, cos, sin, partner, sign],
                     [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)])
     fused = _linear_reference(_rms_reference(h, norms[0], 1e-5), formats[0], qkv).reshape(tokens, -1, dim)
     _assert_close(q, _rotary_reference(fused[:, :heads], cos, sin, matrix))
@@ -519,8 +526,89 @@ def test_fused_block_kernels_match_numpy():
     _call(library, "MindglmLayerOutput", attention + [np.int32([7, 0, 0]), *mlp_inputs[1:]], [(rows, hidden)],
           status=2)
     wrong = code("int4" if formats[0] != "int4" else "int8")
-    _call(library, "MindglmAttentionInput", [h, norms[0], eps, wrong, *qkv, cos, sin, partner, sign],
+    _call(library, "MindglmAttentionInput", [h, wrong, norms[0], eps, *qkv, cos, sin, partner, sign],
           [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)], status=2)
+
+
+def test_layer_stack_matches_numpy():
+    """MindglmLayerStack (every layer in one call, writing each layer's KV cache itself) against
+    float64 numpy composed layer by layer: three layers of random formats, prefill-shaped calls (2
+    rows of 35 queries, more tokens than a chunk, each row reading the slots it just wrote) and
+    decode-shaped ones (3 rows of one); each layer's new keys and values land at slot_mapping and
+    nothing else in its cache changes. A slot out of range, or one layer's wrong format code, is
+    refused before any cache is written."""
+    from mindglm.fused import STACK_CACHE, STACK_PER_LAYER, STACK_SHARED, signed_permutation
+    from mindglm.kernels.build import library_path
+    from mindglm.models.layers import rotate_interleaved_matrix
+    from mindglm.quantize import FORMATS
+    library = library_path()
+    heads, kv_heads, dim, slots = 4, 2, 4 * int(RNG.integers(2, 5)), 90
+    hidden, ffn = 2 * int(RNG.integers(20, 50)), 2 * int(RNG.integers(10, 40))
+    rotary = dim // 2
+    matrix = rotate_interleaved_matrix(rotary)
+    partner, sign = signed_permutation(matrix)
+    eps = np.float32([1e-5])
+    layers = []
+    for _ in range(3):
+        formats = [FORMATS[i] for i in RNG.integers(0, 4, 4)]
+        sizes = [((heads + 2 * kv_heads) * dim, hidden), (hidden, heads * dim), (2 * ffn, hidden), (hidden, ffn)]
+        layers.append(dict(formats=formats, linears=[_random_layer(n, k, f) for (n, k), f in zip(sizes, formats)],
+                           norms=RNG.uniform(0.5, 1.5, (2, hidden)).astype(np.float32),
+                           scales=np.float32([1 / np.sqrt(dim), float(RNG.uniform(0.5, 2))]),
+                           cache=RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)))
+
+    def arguments(h, cos, sin, slot_mapping, kv_slots, allowed, caches, codes):
+        args = [h, cos, sin, partner, sign, slot_mapping, kv_slots, allowed]
+        for layer, cache, code in zip(layers, caches, codes):
+            qkv, dense, up, down = layer["linears"]
+            args += [layer["norms"][0], eps, *qkv, cache[0], cache[1], layer["scales"], code, *dense,
+                     layer["norms"][1], eps, *up, *down]
+        return args
+
+    codes = [np.int32([FORMATS.index(f) for f in layer["formats"]]) for layer in layers]
+    for batch, queries, keys in [(2, 35, 40), (3, 1, 11)]:
+        tokens = batch * queries
+        h = RNG.standard_normal((tokens, hidden)).astype(np.float32)
+        angles = RNG.uniform(-3, 3, (tokens, rotary)).astype(np.float32)
+        cos, sin = np.cos(angles), np.sin(angles)
+        slot_mapping = RNG.choice(slots, tokens, replace=False).astype(np.int32)
+        kv_slots = RNG.integers(0, slots, (batch, keys)).astype(np.int32)
+        kv_slots[:, :queries] = slot_mapping.reshape(batch, queries)   # each row reads what it wrote
+        allowed = RNG.random((batch, queries, keys)) < 0.7
+        allowed[..., 0] = True
+        caches = [layer["cache"].copy() for layer in layers]
+        args = arguments(h, cos, sin, slot_mapping, kv_slots, allowed, caches, codes)
+        assert len(args) == STACK_SHARED + 3 * STACK_PER_LAYER
+        assert all(np.shares_memory(args[STACK_SHARED + i * STACK_PER_LAYER + at], caches[i][j])
+                   for i in range(3) for j, at in enumerate(STACK_CACHE))
+        (out,) = _call(library, "MindglmLayerStack", args, [(tokens, hidden)])
+        x = h.astype(np.float64)
+        for layer, cache in zip(layers, caches):
+            qkv, dense, up, down = layer["linears"]
+            fmt_qkv, fmt_dense, fmt_up, fmt_down = layer["formats"]
+            fused = _linear_reference(_rms_reference(x, layer["norms"][0], 1e-5), fmt_qkv, qkv).reshape(tokens, -1, dim)
+            q = _rotary_reference(fused[:, :heads], cos, sin, matrix)
+            k = _rotary_reference(fused[:, heads:heads + kv_heads], cos, sin, matrix)
+            v = fused[:, heads + kv_heads:]
+            want_cache = layer["cache"].astype(np.float64)
+            want_cache[0][slot_mapping], want_cache[1][slot_mapping] = k, v
+            untouched = np.setdiff1d(np.arange(slots), slot_mapping)
+            np.testing.assert_array_equal(cache[:, untouched], layer["cache"][:, untouched])
+            _assert_close(cache[:, slot_mapping], want_cache[:, slot_mapping])
+            attended = _attention_reference(q, *want_cache, np.repeat(kv_slots, queries, 0),
+                                            allowed.reshape(tokens, keys), *layer["scales"]).reshape(tokens, -1)
+            h1 = x + _linear_reference(attended, fmt_dense, dense)
+            gate_up = _linear_reference(_rms_reference(h1, layer["norms"][1], 1e-5), fmt_up, up)
+            x = h1 + _linear_reference(gate_up[:, :ffn] / (1 + np.exp(-gate_up[:, :ffn])) * gate_up[:, ffn:],
+                                       fmt_down, down)
+        _assert_close(out, x)
+    # refused, with every cache as it was: a slot past the caches' end; the last layer's format code
+    for bad_slots, bad_codes, status in [(np.int32([slots, 0, 1]), codes, 3), (slot_mapping, codes[:2] + [np.int32([0, 0, 7, 0])], 2)]:
+        caches = [layer["cache"].copy() for layer in layers]
+        _call(library, "MindglmLayerStack", arguments(h, cos, sin, bad_slots, kv_slots, allowed, caches, bad_codes),
+              [(tokens, hidden)], status=status)
+        for layer, cache in zip(layers, caches):
+            np.testing.assert_array_equal(cache, layer["cache"])
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])

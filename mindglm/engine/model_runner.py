@@ -26,7 +26,7 @@ from mindspore import Tensor, nn
 from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, prefixed_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
-from mindglm.fused import fuse_blocks
+from mindglm.fused import KernelStackStep, fuse_blocks, stackable
 from mindglm.models.layers import last_visible_key
 
 # Most sequences one prefill call packs: its graph returns this many rows of logits.
@@ -34,7 +34,9 @@ MAX_PACKED = 8
 
 
 def int_tensor(array) -> Tensor:
-    return Tensor(np.ascontiguousarray(array, dtype=np.int32))
+    """An int32 copy of `array` as a Tensor sharing the copy's memory (Tensor(array) would copy it
+    again: 8 step inputs took 0.20 ms that way, 0.04 ms this way)."""
+    return Tensor.from_numpy(np.array(array, dtype=np.int32, order="C"))
 
 
 class CompiledStep(nn.Cell):
@@ -77,9 +79,11 @@ class ModelRunner:
         network.setup_caches(self.rows + 1, self.row_len)
         fill_prefix_slots(network)
         # The cached step is compiled from the network as it is now (loaded, adapters applied): its
-        # last rewrite turns the blocks whose cells all run on the CPU kernels into fused ones.
+        # last rewrite turns the blocks whose cells all run on the CPU kernels into fused ones, and
+        # a network of fused blocks alone steps through all its layers in one kernel call.
         fuse_blocks(network)
-        self.step = CompiledStep(network)
+        self.step_kind = KernelStackStep if stackable(network) else CompiledStep
+        self.step = self.step_kind(network)
         self.signatures = set()               # (rows, tokens, window) of each graph compiled
         self.compiles = 0
 
@@ -205,7 +209,7 @@ class ModelRunner:
         except Exception:
             # MindSpore leaves a compiled graph that raised unusable ("Invalid output number for
             # flatten stub output nodes" on every later call); a fresh cell compiles anew.
-            self.step = CompiledStep(self.network)
+            self.step = self.step_kind(self.network)
             self.signatures = set()
             raise
 

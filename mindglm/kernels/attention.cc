@@ -140,26 +140,65 @@ void Attend(const CacheAttention& job) {
   pool().Run(tasks, &AttendSlice, const_cast<CacheAttention*>(&job));
 }
 
-// An AOT call's rotary tables (cos, sin, partner, sign at params[tables..tables+3]) and its
-// q, k, v outputs (params[outputs..outputs+2]) for `tokens` rows of a fused qkv `width` wide;
-// 0, or the kernel's error code.
-int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int outputs, int64_t tokens,
-                   int64_t width, HeadLayout* layout) {
-  const int c = tables, o = outputs;
-  if (ndims[c] != 2 || ndims[c + 1] != 2 || ndims[c + 2] != 1 || ndims[c + 3] != 1 || ndims[o] != 3 ||
-      ndims[o + 1] != 3 || ndims[o + 2] != 3)
-    return 1;
-  const int64_t rotary = shapes[c][1], heads = shapes[o][1], dim = shapes[o][2], kv_heads = shapes[o + 1][1];
-  if (width != (heads + 2 * kv_heads) * dim || rotary > dim || shapes[c][0] != tokens || shapes[c + 1][0] != tokens ||
-      shapes[c + 1][1] != rotary || shapes[c + 2][0] != rotary || shapes[c + 3][0] != rotary ||
-      shapes[o][0] != tokens || shapes[o + 1][0] != tokens || shapes[o + 1][2] != dim ||
-      shapes[o + 2][0] != tokens || shapes[o + 2][1] != kv_heads || shapes[o + 2][2] != dim)
+// An AOT call's rotary tables (cos, sin, partner, sign at params[tables..tables+3]) for
+// `tokens` rows of heads `dim` wide: sets layout's rotary and tables; 0, or the error code.
+int ReadRotaryTables(void** params, int* ndims, int64_t** shapes, int tables, int64_t tokens, int64_t dim,
+                     HeadLayout* layout) {
+  const int c = tables;
+  if (ndims[c] != 2 || ndims[c + 1] != 2 || ndims[c + 2] != 1 || ndims[c + 3] != 1) return 1;
+  const int64_t rotary = shapes[c][1];
+  if (rotary > dim || shapes[c][0] != tokens || shapes[c + 1][0] != tokens || shapes[c + 1][1] != rotary ||
+      shapes[c + 2][0] != rotary || shapes[c + 3][0] != rotary)
     return 2;
-  *layout = HeadLayout{heads, kv_heads, dim, rotary, static_cast<const float*>(params[c]),
-                       static_cast<const float*>(params[c + 1]), static_cast<const int32_t*>(params[c + 2]),
-                       static_cast<const float*>(params[c + 3])};
+  layout->rotary = rotary;
+  layout->cos = static_cast<const float*>(params[c]);
+  layout->sin = static_cast<const float*>(params[c + 1]);
+  layout->partner = static_cast<const int32_t*>(params[c + 2]);
+  layout->sign = static_cast<const float*>(params[c + 3]);
   for (int64_t j = 0; j < rotary; ++j)
     if (layout->partner[j] < 0 || layout->partner[j] >= rotary) return 3;
+  return 0;
+}
+
+// An AOT call's rotary tables (at params[tables..]) and its q, k, v outputs (params[outputs..
+// outputs+2]) for `tokens` rows of a fused qkv `width` wide; 0, or the kernel's error code.
+int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int outputs, int64_t tokens,
+                   int64_t width, HeadLayout* layout) {
+  const int o = outputs;
+  if (ndims[o] != 3 || ndims[o + 1] != 3 || ndims[o + 2] != 3) return 1;
+  const int64_t heads = shapes[o][1], dim = shapes[o][2], kv_heads = shapes[o + 1][1];
+  if (width != (heads + 2 * kv_heads) * dim || shapes[o][0] != tokens || shapes[o + 1][0] != tokens ||
+      shapes[o + 1][2] != dim || shapes[o + 2][0] != tokens || shapes[o + 2][1] != kv_heads || shapes[o + 2][2] != dim)
+    return 2;
+  layout->heads = heads, layout->kv_heads = kv_heads, layout->dim = dim;
+  return ReadRotaryTables(params, ndims, shapes, tables, tokens, dim, layout);
+}
+
+// An AOT call's keys, values (params[keys], params[keys + 1]: [N, KV, D]), kv_slots [B, K] int32,
+// allowed ([B, K]: one query a row, or [B, S, K]) and scales [2], for queries of `heads` heads
+// `dim` wide; the caller sets q and out. 0, or the kernel's error code.
+int ReadCacheSlots(void** params, int* ndims, int64_t** shapes, int keys, int slots, int allowed, int scales,
+                   int64_t heads, int64_t dim, CacheAttention* job) {
+  if (ndims[keys] != 3 || ndims[keys + 1] != 3 || ndims[slots] != 2 || (ndims[allowed] != 2 && ndims[allowed] != 3) ||
+      ndims[scales] != 1)
+    return 1;
+  *job = CacheAttention{};
+  job->batch = shapes[slots][0], job->queries = ndims[allowed] == 3 ? shapes[allowed][1] : 1;
+  job->heads = heads, job->dim = dim;
+  job->slot_count = shapes[keys][0], job->kv_heads = shapes[keys][1], job->keys_per_row = shapes[slots][1];
+  if (shapes[keys][2] != dim || shapes[keys + 1][0] != job->slot_count || shapes[keys + 1][1] != job->kv_heads ||
+      shapes[keys + 1][2] != dim || shapes[allowed][0] != job->batch ||
+      shapes[allowed][ndims[allowed] - 1] != job->keys_per_row || shapes[scales][0] != 2 || job->kv_heads < 1 ||
+      heads % job->kv_heads != 0)
+    return 2;
+  job->keys = static_cast<const float*>(params[keys]);
+  job->values = static_cast<const float*>(params[keys + 1]);
+  job->slots = static_cast<const int32_t*>(params[slots]);
+  job->allowed = static_cast<const bool*>(params[allowed]);
+  const float* scale = static_cast<const float*>(params[scales]);
+  job->query_scale = scale[0], job->score_scale = scale[1];
+  for (int64_t i = 0; i < job->batch * job->keys_per_row; ++i)
+    if (job->slots[i] < 0 || job->slots[i] >= job->slot_count) return 3;
   return 0;
 }
 
@@ -167,27 +206,10 @@ int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int 
 // `out`. allowed is [B, K] (one query a row) or [B, S, K] (q then holds B * S query rows).
 // 0, or the kernel's error code.
 int ReadCacheAttention(void** params, int* ndims, int64_t** shapes, CacheAttention* job) {
-  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 2 || (ndims[4] != 2 && ndims[4] != 3) ||
-      ndims[5] != 1)
-    return 1;
-  *job = CacheAttention{};
-  job->batch = shapes[3][0], job->queries = ndims[4] == 3 ? shapes[4][1] : 1;
-  job->heads = shapes[0][1], job->dim = shapes[0][2];
-  job->slot_count = shapes[1][0], job->kv_heads = shapes[1][1], job->keys_per_row = shapes[3][1];
-  if (shapes[0][0] != job->batch * job->queries || shapes[1][2] != job->dim || shapes[2][0] != job->slot_count ||
-      shapes[2][1] != job->kv_heads || shapes[2][2] != job->dim || shapes[4][0] != job->batch ||
-      shapes[4][ndims[4] - 1] != job->keys_per_row || shapes[5][0] != 2 || job->kv_heads < 1 ||
-      job->heads % job->kv_heads != 0)
-    return 2;
+  if (ndims[0] != 3) return 1;
+  if (int status = ReadCacheSlots(params, ndims, shapes, 1, 3, 4, 5, shapes[0][1], shapes[0][2], job)) return status;
+  if (shapes[0][0] != job->batch * job->queries) return 2;
   job->q = static_cast<const float*>(params[0]);
-  job->keys = static_cast<const float*>(params[1]);
-  job->values = static_cast<const float*>(params[2]);
-  job->slots = static_cast<const int32_t*>(params[3]);
-  job->allowed = static_cast<const bool*>(params[4]);
-  const float* scales = static_cast<const float*>(params[5]);
-  job->query_scale = scales[0], job->score_scale = scales[1];
-  for (int64_t i = 0; i < job->batch * job->keys_per_row; ++i)
-    if (job->slots[i] < 0 || job->slots[i] >= job->slot_count) return 3;
   return 0;
 }
 

@@ -1,5 +1,6 @@
-// A ChatGLM2/3 layer's cached step in two calls around its KV cache write, for MindSpore's CPU
-// backend (ops.Custom, func_type="aot"), float32 (mindglm/fused.py KernelBlock).
+// A ChatGLM2/3 layer's cached step, for MindSpore's CPU backend (ops.Custom, func_type="aot"),
+// float32: two calls around the layer's KV cache write (mindglm/fused.py KernelBlock), or every
+// layer of the network in one call that writes the caches itself (KernelStackStep).
 //
 // A decode step of the `small` model spent as long in MindSpore's runtime around its ~120 ops as
 // in its matmuls: every op costs its launch, its output allocation and its hand-over to the next
@@ -7,8 +8,12 @@
 // 6B model's 64-token prefill: ~490 MB). The fused norm, rotary and attention kernels brought a
 // layer to ~13 ops; these chain the same steps (layer.h) inside one op each, leaving a layer four
 // in decode and prefill alike: the input block, the cache's two in-place writes, the output block.
+// Those four still cost more than their work: each op launched after a kernel has streamed its
+// weights through the caches finds MindSpore's own state evicted (a launch took 57 us after a
+// 40 MB kernel against 7 after a small one, measured with a stub kernel), so the stack call runs
+// every layer between two launches.
 //
-//   MindglmAttentionInput(h [T, H], norm [H], eps [1], format [1] int32, w, scale [N], bias [N],
+//   MindglmAttentionInput(h [T, H], format [1] int32, norm [H], eps [1], w, scale [N], bias [N],
 //                         cos [T, R], sin [T, R], partner [R] int32, sign [R])
 //       -> q [T, heads, D], k [T, KV, D], v [T, KV, D]
 //     qkv = rms_norm(h) W^T * scale + bias, split into heads and rotated (MindglmQkvRotary).
@@ -20,12 +25,24 @@
 //     attn = the attention over the cache (MindglmCacheAttention); h1 = h + dense(attn);
 //     out = h1 + down(swiglu(up(rms_norm(h1)))).
 //
+//   MindglmLayerStack(h [T, H], cos [T, R], sin [T, R], partner [R] int32, sign [R],
+//                     slot_mapping [T] int32, kv_slots [B, K] int32, allowed [B, S, K] bool,
+//                     then for each layer: norm [H], eps [1], qkv (w, scale, bias), keys [N, KV, D],
+//                     values [N, KV, D], scales [2], formats [4] int32 (qkv, dense, up, down),
+//                     dense (w, scale, bias), norm [H], eps [1], up (w, scale, bias),
+//                     down (w, scale, bias))
+//       -> out [T, H]
+//     layer by layer: the input block, token t's k and v written to slot slot_mapping[t] of the
+//     layer's keys and values (in place: the Python side declares them written, as ScatterUpdate
+//     does), the output block. Every argument of every layer is checked before anything is written.
+//
 // Each linear layer takes (w, scale, bias) with its format's index in mindglm/quantize.py's
 // FORMATS (float layers pass a unit scale and zero bias, which change no bit). Tokens go through
 // in chunks of kChunk rows (a multiple of 4, the linear kernel's row block, so every row's sums
 // are those of the unfused layers), which bounds the scratch a long prompt needs.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "layer.h"
@@ -36,31 +53,64 @@ using mindglm::LinearWeights;
 
 constexpr int64_t kChunk = 32;
 
+// ------------------------------------------------------------------ the input block
+struct InputBlock {
+  const float* norm;
+  float eps;
+  LinearWeights qkv;
+};
+
+// The norm (params[norm], eps at norm + 1) and the qkv layer (params[qkv..qkv+2]) for inputs
+// `hidden` wide; 0 or an error code.
+int ReadInputBlock(void** params, int* ndims, int64_t** shapes, int norm, int qkv, int32_t format, int64_t hidden,
+                   InputBlock* block) {
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, norm, hidden, &block->norm, &block->eps)) return status;
+  return mindglm::ReadLinear(params, ndims, shapes, qkv, format, hidden, &block->qkv) ? 0 : 2;
+}
+
+// q, k, v of `tokens` rows of h: rms_norm, qkv, split into heads and rotated.
+void RunInputBlock(const InputBlock& block, const mindglm::HeadLayout& layout, const float* h, int64_t tokens,
+                   int64_t hidden, float* q, float* k, float* v) {
+  const int64_t q_width = layout.heads * layout.dim, kv_width = layout.kv_heads * layout.dim;
+  thread_local std::vector<float> normed, fused;
+  for (int64_t first = 0; first < tokens; first += kChunk) {
+    const int64_t rows = std::min(kChunk, tokens - first);
+    normed.resize(rows * hidden);
+    mindglm::RmsNormRows(h + first * hidden, block.norm, block.eps, rows, hidden, normed.data());
+    fused.resize(rows * block.qkv.n);
+    mindglm::LinearForward(block.qkv, normed.data(), rows, fused.data());
+    mindglm::HeadLayout chunk = layout;
+    chunk.cos += first * layout.rotary;
+    chunk.sin += first * layout.rotary;
+    mindglm::SplitRotateHeads(fused.data(), rows, chunk, q + first * q_width, k + first * kv_width,
+                              v + first * kv_width);
+  }
+}
+
+// ------------------------------------------------------------------ the output block
 struct MlpBlock {
   LinearWeights dense, up, down;
   const float* norm;
   float eps;
 };
 
-// Reads MindglmLayerOutput's inputs from params[first] (h) on; 0 or an error code.
-int ReadMlpBlock(void** params, int* ndims, int64_t** shapes, int first, int64_t tokens, int64_t attn_width,
-                 MlpBlock* block) {
-  const int h = first, formats = first + 1, dense = first + 2, norm = first + 5, up = first + 7, down = first + 10;
-  if (ndims[h] != 2 || ndims[formats] != 1 || shapes[formats][0] != 3) return 1;
-  const int64_t hidden = shapes[h][1];
+// The layers after the attention, at params[first..first+10] (dense (3), norm and eps, up (3),
+// down (3)), in formats[0..2]; 0 or an error code.
+int ReadMlpBlock(void** params, int* ndims, int64_t** shapes, int first, const int32_t* formats, int64_t hidden,
+                 int64_t attn_width, MlpBlock* block) {
+  const int dense = first, norm = first + 3, up = first + 5, down = first + 8;
   if (int status = mindglm::ReadNorm(params, ndims, shapes, norm, hidden, &block->norm, &block->eps)) return status;
-  if (shapes[h][0] != tokens) return 2;
-  const int32_t* format = static_cast<const int32_t*>(params[formats]);
-  if (!mindglm::ReadLinear(params, ndims, shapes, dense, format[0], attn_width, &block->dense) ||
-      !mindglm::ReadLinear(params, ndims, shapes, up, format[1], hidden, &block->up) ||
+  if (!mindglm::ReadLinear(params, ndims, shapes, dense, formats[0], attn_width, &block->dense) ||
+      !mindglm::ReadLinear(params, ndims, shapes, up, formats[1], hidden, &block->up) ||
       block->dense.n != hidden || block->up.n % 2 != 0 ||
-      !mindglm::ReadLinear(params, ndims, shapes, down, format[2], block->up.n / 2, &block->down) ||
+      !mindglm::ReadLinear(params, ndims, shapes, down, formats[2], block->up.n / 2, &block->down) ||
       block->down.n != hidden)
     return 2;
   return 0;
 }
 
-// out = h1 + down(swiglu(up(rms_norm(h1)))) with h1 = h + dense(attn), for `tokens` rows.
+// out = h1 + down(swiglu(up(rms_norm(h1)))) with h1 = h + dense(attn), for `tokens` rows (out
+// must not be h).
 void RunMlpBlock(const MlpBlock& block, const float* attn, const float* h, int64_t tokens, float* out) {
   const int64_t hidden = block.dense.n, ffn = block.down.k;
   thread_local std::vector<float> normed, fused, active, down;
@@ -82,53 +132,119 @@ void RunMlpBlock(const MlpBlock& block, const float* attn, const float* h, int64
   }
 }
 
+// ------------------------------------------------------------------ the stack
+// One layer of MindglmLayerStack, read from its 20 arguments.
+struct StackLayer {
+  InputBlock input;
+  mindglm::HeadLayout layout;
+  mindglm::CacheAttention attention;
+  MlpBlock mlp;
+  float *keys, *values;
+};
+
+constexpr int kStackShared = 8, kStackPerLayer = 20;
+
+int ReadStackLayer(void** params, int* ndims, int64_t** shapes, int g, int64_t tokens, int64_t hidden,
+                   StackLayer* layer) {
+  const int keys = g + 5, scales = g + 7, formats = g + 8;
+  if (ndims[formats] != 1 || shapes[formats][0] != 4 || ndims[keys] != 3) return 1;
+  const int32_t* format = static_cast<const int32_t*>(params[formats]);
+  if (int status = ReadInputBlock(params, ndims, shapes, g, g + 2, format[0], hidden, &layer->input)) return status;
+  const int64_t kv_heads = shapes[keys][1], dim = shapes[keys][2], width = layer->input.qkv.n;
+  if (dim < 1 || width % dim != 0 || width / dim <= 2 * kv_heads) return 2;
+  mindglm::HeadLayout& layout = layer->layout;
+  layout.heads = width / dim - 2 * kv_heads, layout.kv_heads = kv_heads, layout.dim = dim;
+  if (int status = mindglm::ReadRotaryTables(params, ndims, shapes, 1, tokens, dim, &layout)) return status;
+  if (int status = mindglm::ReadCacheSlots(params, ndims, shapes, keys, 6, 7, scales, layout.heads, dim,
+                                           &layer->attention))
+    return status;
+  if (layer->attention.batch * layer->attention.queries != tokens) return 2;
+  const int32_t* slot_mapping = static_cast<const int32_t*>(params[5]);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (slot_mapping[t] < 0 || slot_mapping[t] >= layer->attention.slot_count) return 3;
+  layer->keys = static_cast<float*>(params[keys]);
+  layer->values = static_cast<float*>(params[keys + 1]);
+  return ReadMlpBlock(params, ndims, shapes, g + 9, format + 1, hidden, layout.heads * dim, &layer->mlp);
+}
+
+// Token t's k and v rows (`width` floats each) into slot slots[t] of keys and values.
+void WriteCache(const float* k, const float* v, const int32_t* slots, int64_t tokens, int64_t width, float* keys,
+                float* values) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(keys + int64_t(slots[t]) * width, k + t * width, sizeof(float) * width);
+    std::memcpy(values + int64_t(slots[t]) * width, v + t * width, sizeof(float) * width);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 int MindglmAttentionInput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 14 || ndims[0] != 2 || ndims[3] != 1 || shapes[3][0] != 1) return 1;
+  if (nparam != 14 || ndims[0] != 2 || ndims[1] != 1 || shapes[1][0] != 1) return 1;
   const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
-  const float* norm;
-  float eps;
-  if (int status = mindglm::ReadNorm(params, ndims, shapes, 1, hidden, &norm, &eps)) return status;
-  mindglm::LinearWeights qkv;
-  if (!mindglm::ReadLinear(params, ndims, shapes, 4, *static_cast<const int32_t*>(params[3]), hidden, &qkv)) return 2;
+  InputBlock block;
+  if (int status = ReadInputBlock(params, ndims, shapes, 2, 4, *static_cast<const int32_t*>(params[1]), hidden, &block))
+    return status;
   mindglm::HeadLayout layout;
-  if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 7, 11, tokens, qkv.n, &layout)) return status;
-  const float* h = static_cast<const float*>(params[0]);
-  float* q = static_cast<float*>(params[11]);
-  float* k = static_cast<float*>(params[12]);
-  float* v = static_cast<float*>(params[13]);
-  const int64_t q_width = layout.heads * layout.dim, kv_width = layout.kv_heads * layout.dim;
-  thread_local std::vector<float> normed, fused;
-  for (int64_t first = 0; first < tokens; first += kChunk) {
-    const int64_t rows = std::min(kChunk, tokens - first);
-    normed.resize(rows * hidden);
-    mindglm::RmsNormRows(h + first * hidden, norm, eps, rows, hidden, normed.data());
-    fused.resize(rows * qkv.n);
-    mindglm::LinearForward(qkv, normed.data(), rows, fused.data());
-    mindglm::HeadLayout chunk = layout;
-    chunk.cos += first * layout.rotary;
-    chunk.sin += first * layout.rotary;
-    mindglm::SplitRotateHeads(fused.data(), rows, chunk, q + first * q_width, k + first * kv_width,
-                              v + first * kv_width);
-  }
+  if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 7, 11, tokens, block.qkv.n, &layout)) return status;
+  RunInputBlock(block, layout, static_cast<const float*>(params[0]), tokens, hidden, static_cast<float*>(params[11]),
+                static_cast<float*>(params[12]), static_cast<float*>(params[13]));
   return 0;
 }
 
 int MindglmLayerOutput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 20 || ndims[19] != 2) return 1;
+  if (nparam != 20 || ndims[19] != 2 || ndims[6] != 2 || ndims[7] != 1 || shapes[7][0] != 3) return 1;
   mindglm::CacheAttention attention;
   if (int status = mindglm::ReadCacheAttention(params, ndims, shapes, &attention)) return status;
   const int64_t tokens = attention.batch * attention.queries, width = attention.heads * attention.dim;
+  const int64_t hidden = shapes[6][1];
+  if (shapes[6][0] != tokens) return 2;
   MlpBlock block;
-  if (int status = ReadMlpBlock(params, ndims, shapes, 6, tokens, width, &block)) return status;
-  if (shapes[19][0] != tokens || shapes[19][1] != block.dense.n) return 2;
+  if (int status = ReadMlpBlock(params, ndims, shapes, 8, static_cast<const int32_t*>(params[7]), hidden, width, &block))
+    return status;
+  if (shapes[19][0] != tokens || shapes[19][1] != hidden) return 2;
   thread_local std::vector<float> attended;
   attended.resize(tokens * width);
   attention.out = attended.data();
   mindglm::Attend(attention);
   RunMlpBlock(block, attended.data(), static_cast<const float*>(params[6]), tokens, static_cast<float*>(params[19]));
+  return 0;
+}
+
+int MindglmLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  const int count = (nparam - kStackShared - 1) / kStackPerLayer, out = nparam - 1;
+  if (count < 1 || nparam != kStackShared + count * kStackPerLayer + 1 || ndims[0] != 2 || ndims[5] != 1 ||
+      ndims[out] != 2)
+    return 1;
+  const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
+  if (shapes[5][0] != tokens || shapes[out][0] != tokens || shapes[out][1] != hidden) return 2;
+  thread_local std::vector<StackLayer> layers;
+  layers.resize(count);
+  for (int l = 0; l < count; ++l)   // every layer checked before any cache is written
+    if (int status = ReadStackLayer(params, ndims, shapes, kStackShared + l * kStackPerLayer, tokens, hidden, &layers[l]))
+      return status;
+  const int32_t* slot_mapping = static_cast<const int32_t*>(params[5]);
+  thread_local std::vector<float> q, k, v, attended, ping, pong;
+  const float* h = static_cast<const float*>(params[0]);
+  for (int l = 0; l < count; ++l) {
+    StackLayer& layer = layers[l];
+    const int64_t q_width = layer.layout.heads * layer.layout.dim, kv_width = layer.layout.kv_heads * layer.layout.dim;
+    q.resize(tokens * q_width), attended.resize(tokens * q_width);
+    k.resize(tokens * kv_width), v.resize(tokens * kv_width);
+    RunInputBlock(layer.input, layer.layout, h, tokens, hidden, q.data(), k.data(), v.data());
+    WriteCache(k.data(), v.data(), slot_mapping, tokens, kv_width, layer.keys, layer.values);
+    layer.attention.q = q.data();
+    layer.attention.out = attended.data();
+    mindglm::Attend(layer.attention);
+    std::vector<float>& next = l % 2 ? pong : ping;   // never h: the MLP block reads h as it writes
+    float* to = static_cast<float*>(params[out]);
+    if (l + 1 < count) {
+      next.resize(tokens * hidden);
+      to = next.data();
+    }
+    RunMlpBlock(layer.mlp, attended.data(), h, tokens, to);
+    h = to;
+  }
   return 0;
 }
 }

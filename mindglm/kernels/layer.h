@@ -61,9 +61,14 @@ struct CacheAttention {
 void Attend(const CacheAttention& job);
 
 // Argument readers shared by the entry points of attention.cc and block.cc: 0, or the error
-// code the kernel returns (1: ranks, 2: shapes, 3: an index out of range).
+// code the kernel returns (1: ranks, 2: shapes, 3: an index out of range). Each reads the
+// arguments at the positions it is given (attention.cc says which).
+int ReadRotaryTables(void** params, int* ndims, int64_t** shapes, int tables, int64_t tokens, int64_t dim,
+                     HeadLayout* layout);
 int ReadHeadLayout(void** params, int* ndims, int64_t** shapes, int tables, int outputs, int64_t tokens,
                    int64_t width, HeadLayout* layout);
+int ReadCacheSlots(void** params, int* ndims, int64_t** shapes, int keys, int slots, int allowed, int scales,
+                   int64_t heads, int64_t dim, CacheAttention* job);
 int ReadCacheAttention(void** params, int* ndims, int64_t** shapes, CacheAttention* job);
 
 }  // namespace mindglm

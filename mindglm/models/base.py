@@ -96,11 +96,19 @@ class GLMTransformer(nn.Cell):
 
     def construct(self, input_ids, position_ids, key_valid, query_first, query_last,
                   slot_mapping=None, kv_slots=None, logits_index=None):
-        h = self.embedding(input_ids).astype(self.compute_dtype)
-        cos, sin = self.rotary_table(position_ids)
-        mask = attention_mask(key_valid, query_first, query_last)
+        h, cos, sin, mask = self.layer_inputs(input_ids, position_ids, key_valid, query_first, query_last)
         for block in self.layers:
             h = block(h, cos, sin, mask, slot_mapping, kv_slots)
+        return self.to_logits(h, logits_index)
+
+    def layer_inputs(self, input_ids, position_ids, key_valid, query_first, query_last):
+        """The first layer's input [batch, seq, hidden] and every layer's cos, sin and mask."""
+        h = self.embedding(input_ids).astype(self.compute_dtype)
+        cos, sin = self.rotary_table(position_ids)
+        return h, cos, sin, attention_mask(key_valid, query_first, query_last)
+
+    def to_logits(self, h, logits_index=None):
+        """The last layer's output -> float32 logits (of the tokens `logits_index` names, if given)."""
         if logits_index is not None:
             batch, seq, hidden = h.shape
             h = ops.gather(h.reshape(batch * seq, hidden), logits_index.astype(ms.int32), 0).expand_dims(1)
