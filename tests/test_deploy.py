@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from live_server import REPO, LiveServer
+from live_server import FEW_BUCKETS, REPO, LiveServer
 
 DEPLOY = os.path.join(REPO, "deploy")
 K8S = os.path.join(DEPLOY, "k8s")
@@ -176,7 +176,9 @@ def test_the_containers_command_line_serves_when_run_directly(tmp_path):
     port_at = args.index("--port")
     del args[port_at:port_at + 2]  # LiveServer picks a free port
     args += ["--set", f"checkpoint={TINY_CHATGLM3}", "--set", f"processor.tokenizer={TINY_CHATGLM3}",
-             "--set", "engine.max_model_len=null"]  # the tiny model's context is 512
+             "--set", "engine.max_model_len=null",  # the tiny model's context is 512
+             # one cache row and one prefill bucket: fewer graphs to warm up (the reply does not depend on them)
+             "--set", "engine.max_num_seqs=1", *FEW_BUCKETS]
     server = LiveServer(args, str(tmp_path / "serve.log"), command=command).wait_healthy()
     try:
         models = httpx.get(server.url + "/v1/models", timeout=10).json()

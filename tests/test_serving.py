@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from conftest import FIXTURES, reference_chat
-from live_server import GUARDED_KEY, TINY_CONFIGS, LiveServer
+from live_server import FEW_BUCKETS, GUARDED_KEY, TINY_CONFIGS, LiveServer
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3")
 API_KEY = GUARDED_KEY
@@ -382,8 +382,10 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     """Running replies finish, new requests get 503 meanwhile, a reply past the grace period gets an
     error inside its stream, then the process exits with status 0."""
     # a longer context than the fixture's, so that the long reply cannot finish within the grace period
-    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2",
-                         "--set", "model.model_config.seq_length=2048"], str(tmp_path / "drain.log"))
+    # one prefill bucket and two cache rows (the two replies): a third of the warm-up (61 -> 20 s)
+    server = LiveServer(["--config", TINY_CONFIGS["chatglm2"], "--drain-timeout", "2", *FEW_BUCKETS,
+                         "--max-num-seqs", "2", "--set", "model.model_config.seq_length=2048"],
+                        str(tmp_path / "drain.log"))
     server.wait_healthy()
     results, streaming = {}, {"short": threading.Event(), "long": threading.Event()}
 
