@@ -28,8 +28,10 @@ $(VENV)/.reference: $(STAMP)
 	$(PY) -m pip install -q 'torch==2.13.0' transformers peft || echo "reference packages unavailable: comparison tests will be skipped"
 	touch $(VENV)/.reference
 
+# Two pytest-xdist workers: much of the suite waits on subprocesses (servers warming up, msrun
+# launches). On a 2-core Xeon: 1009 s in one process; 746 s on two, with two servers' warm-ups cut.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

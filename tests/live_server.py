@@ -18,8 +18,12 @@ GUARDED_KEY = "test-key-13"
 # the shared servers of the session (tests/conftest.py: `live_servers`)
 # One small prefill bucket: fewer graphs to warm up per server (the replies do not depend on it).
 FEW_BUCKETS = ["--set", "model.model_config.prefill_buckets=[64]"]
+# Cache rows per family server: only ChatGLM3's serves concurrent streams (eight); the others'
+# requests come one at a time, and each row bucket is a set of decode graphs to warm up.
+ROWS = {"chatglm": "2", "chatglm2": "2", "chatglm3": "8"}
 SERVER_ARGS = {
-    **{family: ["--config", config, *FEW_BUCKETS] for family, config in TINY_CONFIGS.items()},
+    **{family: ["--config", config, *FEW_BUCKETS, "--max-num-seqs", ROWS[family]]
+       for family, config in TINY_CONFIGS.items()},
     # an API key, one cache row and one waiting place: for 401, 429 and disconnects
     "guarded": ["--config", TINY_CONFIGS["chatglm2"], *FEW_BUCKETS, "--api-key", GUARDED_KEY, "--max-num-seqs", "1",
                 "--max-waiting", "1", "--served-model-name", "guarded"],
