@@ -29,9 +29,12 @@ $(VENV)/.reference: $(STAMP)
 	touch $(VENV)/.reference
 
 # Two pytest-xdist workers: much of the suite waits on subprocesses (servers warming up, msrun
-# launches). On a 2-core Xeon: 1009 s in one process; 746 s on two, with two servers' warm-ups cut.
+# launches). On a 2-core Xeon: 1009 s in one process; 746-772 s on two, with two servers' warm-ups cut.
+# loadfile keeps a module's tests in one worker, so its module-scoped launches (tensor parallelism's
+# msrun run) happen once. (Not loadgroup: xdist 3.8 marks groups in Item._nodeid, which pytest 9.2's
+# nodeid no longer returns, so the groups are silently ignored.)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

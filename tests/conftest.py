@@ -33,19 +33,6 @@ def converted_models(tmp_path_factory):
     return {name: load_converted(model_dir(name), str(out / f"{name}.ckpt")) for name in MODEL_NAMES}
 
 
-# Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), a module's tests stay in one
-# worker, so its module-scoped launches (tensor parallelism's msrun run) happen once; the two
-# modules on the shared tiny-model servers form one group, so they start once too.
-SHARED_SERVER_MODULES = {"test_serving.py", "test_web_page.py"}
-
-
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = os.path.basename(str(item.fspath))
-        item.add_marker(pytest.mark.xdist_group("live_servers" if module in SHARED_SERVER_MODULES else module))
-
-
 _RUN_MODELS = {}
 
 
