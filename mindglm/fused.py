@@ -186,16 +186,16 @@ class KernelBlock(Block):
     def input_operands(self) -> tuple:
         """The input block's norm weight and eps, and its qkv layer (weight, scale, bias)."""
         norm = self.input_norm
-        return (norm.weight.astype(ms.float32), norm.eps) + self.kernel_attention().qkv.kernel_operands()
+        return (float32_operand(norm.weight), norm.eps) + self.kernel_attention().qkv.kernel_operands()
 
     def mlp_operands(self) -> tuple:
         """The output block's dense layer, norm weight and eps, up and down layers."""
         norm = self.post_attention_norm
-        return (self.kernel_attention().dense.kernel_operands() + (norm.weight.astype(ms.float32), norm.eps) +
+        return (self.kernel_attention().dense.kernel_operands() + (float32_operand(norm.weight), norm.eps) +
                 self.mlp.up.kernel_operands() + self.mlp.down.kernel_operands())
 
     def stack_operands(self) -> tuple:
-        """This layer's 20 arguments of MindglmLayerStack (block.cc)."""
+        """This layer's 20 arguments of MindglmNetworkStep (block.cc)."""
         attention = self.kernel_attention()
         return (self.input_operands() + (attention.cache.key, attention.cache.value, attention.scales, self.formats) +
                 self.mlp_operands())
@@ -241,53 +241,71 @@ def fuse_blocks(network) -> list:
     return replace_cells(network, lambda path, cell: _fused_block(cell) if type(cell) is Block else None)
 
 
-# MindglmLayerStack's arguments (block.cc): 8 shared, then 20 a layer, the keys and values 5th and 6th.
-STACK_SHARED, STACK_PER_LAYER, STACK_CACHE = 8, 20, (5, 6)
+# MindglmNetworkStep's arguments (block.cc): 19 shared, then 20 a layer, the keys and values 5th and 6th.
+STACK_SHARED, STACK_PER_LAYER, STACK_CACHE = 19, 20, (5, 6)
+
+
+def float32_operand(tensor):
+    """`tensor` as the kernels read it: float32 (a norm weight kept in a float16 checkpoint's dtype)."""
+    return tensor if tensor.dtype == ms.float32 else tensor.astype(ms.float32)
 
 
 class KernelStackStep(nn.Cell):
     """The engine's cached step (the inputs and result of ModelRunner's CompiledStep) for a network
-    whose layers are all KernelBlocks: every layer in one kernel call (MindglmLayerStack), which
-    writes each layer's KV cache itself, between the network's own embedding, rotary and mask
-    (`layer_inputs`) and its final norm and output layer (`to_logits`).
+    whose layers are all KernelBlocks: one kernel call (MindglmNetworkStep) from the step's token
+    ids to its logits — the embedding rows, rotary rows and mask, every layer (each writing its KV
+    cache itself), the final norm and the output layer.
 
     An op launched after a kernel that streamed its weights through the CPU caches finds
     MindSpore's runtime state evicted: with a stub kernel, a launch cost 57 us after 40 MB read
-    against 7 us after 4 KB. A `small` decode step of KernelBlocks launches 33 ops among its
-    layers (two kernels and two cache writes each) and spent ~1.2 ms between them; here there
-    are none. The blocks and their cells stay as they are: the uncached forward, the adapters and
-    the checkpoint see KernelBlocks."""
+    against 7 us after 4 KB. A `small` decode step of KernelBlocks launched 33 ops among its
+    layers (two kernels and two cache writes each) and spent ~1.2 ms between them; with the layers
+    in one call the ~20 ops around them (embedding and rotary gathers, the mask's comparisons, the
+    logits row gather, final norm, output layer) still cost ~0.5 ms (int8 `small` decode on a
+    2-core Zen 5, five interleaved runs: graph call minus matmul time 2.2 -> 1.8 ms). What is left
+    is the graph launch itself: with a stub kernel that only streams 640 MB, ~1.8 ms (1.3 with 8
+    arguments instead of this call's 179) against 0.5 ms without the stream. The blocks and their cells stay as they are: the uncached forward, the adapters and the
+    checkpoint see KernelBlocks."""
 
     def __init__(self, network):
         super().__init__()
+        from mindglm.quantize import FORMATS
         self.network = network
         attention = network.layers[0].kernel_attention()
         self.partner, self.sign = attention.partner, attention.sign
-        count = len(network.layers)
+        embedding = {ms.float16: "float16", ms.float32: "float32"}[network.embedding.weight.dtype]
+        self.formats = Tensor([FORMATS.index(embedding), FORMATS.index(network.output.fmt)], ms.int32)
+        count, vocab = len(network.layers), network.output.out_features
         written = {STACK_SHARED + layer * STACK_PER_LAYER + i for layer in range(count) for i in STACK_CACHE}
-        self.op = _kernel("MindglmLayerStack", lambda h, *rest: h, inputs=STACK_SHARED + count * STACK_PER_LAYER,
-                          written=written)
+        self.op = _kernel("MindglmNetworkStep", lambda *shapes: [shapes[7][0], vocab],
+                          inputs=STACK_SHARED + count * STACK_PER_LAYER, written=written)
 
     @ms.jit
     def construct(self, input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
                   logits_index):
         network = self.network
-        h, cos, sin, mask = network.layer_inputs(input_ids, position_ids, key_valid, query_first, query_last)
-        batch, seq, hidden = h.shape
-        width = cos.shape[-1]
+        final_norm, rotary = network.final_norm, network.rotary_table
         operands = ()
         for block in network.layers:
             operands = operands + block.stack_operands()
-        out = self.op(h.reshape(-1, hidden), cos.reshape(-1, width), sin.reshape(-1, width), self.partner, self.sign,
-                      slot_mapping, kv_slots, mask.reshape(batch, seq, -1), *operands)
-        return network.to_logits(out.reshape(batch, seq, hidden), logits_index)
+        return self.op(input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
+                       logits_index, self.formats, network.embedding.weight, rotary.cos_table, rotary.sin_table,
+                       self.partner, self.sign, float32_operand(final_norm.weight), final_norm.eps,
+                       *network.output.kernel_operands(), *operands)
 
 
 def stackable(network) -> bool:
-    """Whether every layer of `network` is a KernelBlock with the same rotary pairing (one call
-    takes one partner / sign table for all of them)."""
+    """Whether `network` steps in one MindglmNetworkStep call: every layer a KernelBlock with the
+    same rotary pairing (one call takes one partner / sign table for all of them), the final norm
+    and the output layer on the kernels, the embedding float16 or float32."""
+    from mindglm.quantize import WeightLinear
     layers = list(network.layers)
     if not layers or any(type(block) is not KernelBlock for block in layers):
+        return False
+    output = network.output
+    if type(network.final_norm) is not KernelRMSNorm or type(output) is not WeightLinear or output.backend != "kernels":
+        return False
+    if network.embedding.weight.dtype not in (ms.float16, ms.float32):
         return False
     first = layers[0].kernel_attention()
     return all(np.array_equal(block.kernel_attention().partner.asnumpy(), first.partner.asnumpy()) and

@@ -328,6 +328,44 @@ def test_kernel_models_fuse_norms_and_activations_keeping_names():
     assert not stackable(network)   # one block left unfused: the blocks step one by one
 
 
+def test_float16_checkpoint_steps_in_one_kernel_call():
+    """A model kept in its checkpoint's float16 (param_dtype and weight_dtype float16, float32
+    compute: tools/bench_6b.py's fp16 and int4 runs) steps through MindglmNetworkStep too, its
+    float16 embedding and norms read as they are stored: every step's logits within 1e-4 of the
+    portable backend's on the same weights (dequantize + MatMul, one MindSpore op at a time) and
+    the same greedy tokens, for a row decoded alone and two rows decoded together."""
+    from mindglm.checkpoint import expected_shapes
+    from mindglm.fused import KernelStackStep
+    from mindglm.pipeline import GLMModel
+    weights = {name: (RNG.standard_normal(shape) * 0.3).astype(np.float16)
+               for name, shape in expected_shapes(tiny_config()).items()}
+    prompts, mask = RNG.integers(1, 64, (2, 7)), np.ones((2, 7), np.int64)
+    mask[0, :3] = 0
+    steps, tokens = {}, {}
+    for backend in ("auto", "portable"):
+        for bits in (0, 4):
+            config = tiny_config(param_dtype="float16", weight_dtype="float16", quantization_bit=bits,
+                                 linear_backend=backend)
+            network = family_module(config).build_network(config)
+            quantize_network(network, config)
+            load_weights(network, weights.items(), "random")
+            assert network.embedding.weight.dtype == network.final_norm.weight.dtype == ms.float16
+            model = GLMModel(config, network)
+            steps[backend, bits] = recorded = []
+            model.wrap_runners(lambda runner, use_past, recorded=recorded: RecordingRunner(runner, recorded))
+            tokens[backend, bits] = [model.generate(prompts[:1], max_new_tokens=5, eos_token_id=-1),
+                                     model.generate(prompts, attention_mask=mask, max_new_tokens=5, eos_token_id=-1)]
+            assert (type(model.engine.runner.runner.step) is KernelStackStep) == (backend == "auto")
+    for bits in (0, 4):
+        ours, theirs = steps["auto", bits], steps["portable", bits]
+        assert len(ours) == len(theirs) > 8
+        for a, b in zip(ours, theirs):
+            for x, y in zip(a.values(), b.values(), strict=True):   # request ids differ between the models
+                np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
+        for a, b in zip(tokens["auto", bits], tokens["portable", bits]):
+            np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------ fused attention kernels
 def _compiled(op):
     """`op` inside a graph-compiled Cell."""
@@ -530,24 +568,30 @@ def test_fused_block_kernels_match_numpy():
           [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)], status=2)
 
 
-def test_layer_stack_matches_numpy():
-    """MindglmLayerStack (every layer in one call, writing each layer's KV cache itself) against
-    float64 numpy composed layer by layer: three layers of random formats, prefill-shaped calls (2
-    rows of 35 queries, more tokens than a chunk, each row reading the slots it just wrote) and
-    decode-shaped ones (3 rows of one); each layer's new keys and values land at slot_mapping and
-    nothing else in its cache changes. A slot out of range, or one layer's wrong format code, is
-    refused before any cache is written."""
+def test_network_step_matches_numpy():
+    """MindglmNetworkStep (the whole cached step in one call: embedding, rotary rows and mask, every
+    layer writing its KV cache itself, final norm and output layer) against float64 numpy composed
+    step by step: three layers and an output layer of random formats, prefill-shaped calls (2 rows
+    of 35 queries, more tokens than a chunk, each row reading the slots it just wrote; a float16
+    embedding) and decode-shaped ones (3 rows of one; float32), random masks and logits rows; each layer's new keys and values land at slot_mapping
+    and nothing else in its cache changes. A slot, token id or position out of range, or one
+    layer's wrong format code, is refused before any cache is written."""
     from mindglm.fused import STACK_CACHE, STACK_PER_LAYER, STACK_SHARED, signed_permutation
     from mindglm.kernels.build import library_path
     from mindglm.models.layers import rotate_interleaved_matrix
     from mindglm.quantize import FORMATS
     library = library_path()
-    heads, kv_heads, dim, slots = 4, 2, 4 * int(RNG.integers(2, 5)), 90
+    heads, kv_heads, dim, slots, vocab, positions = 4, 2, 4 * int(RNG.integers(2, 5)), 90, 37, 50
     hidden, ffn = 2 * int(RNG.integers(20, 50)), 2 * int(RNG.integers(10, 40))
     rotary = dim // 2
     matrix = rotate_interleaved_matrix(rotary)
     partner, sign = signed_permutation(matrix)
     eps = np.float32([1e-5])
+    angles = RNG.uniform(-3, 3, (positions, rotary)).astype(np.float32)
+    cos_table, sin_table = np.cos(angles), np.sin(angles)
+    embedding = RNG.standard_normal((vocab, hidden)).astype(np.float32)
+    output_format = FORMATS[int(RNG.integers(0, 4))]
+    output, final_norm = _random_layer(vocab + 3, hidden, output_format), RNG.uniform(0.5, 1.5, hidden).astype(np.float32)
     layers = []
     for _ in range(3):
         formats = [FORMATS[i] for i in RNG.integers(0, 4, 4)]
@@ -557,8 +601,12 @@ def test_layer_stack_matches_numpy():
                            scales=np.float32([1 / np.sqrt(dim), float(RNG.uniform(0.5, 2))]),
                            cache=RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)))
 
-    def arguments(h, cos, sin, slot_mapping, kv_slots, allowed, caches, codes):
-        args = [h, cos, sin, partner, sign, slot_mapping, kv_slots, allowed]
+    def arguments(step, caches, codes):
+        args = [step[name] for name in ("ids", "positions", "key_valid", "first", "last", "slot_mapping", "kv_slots",
+                                        "logits_index")]
+        table = step["embedding"]
+        args += [np.int32([FORMATS.index(str(table.dtype)), FORMATS.index(output_format)]),
+                 table, cos_table, sin_table, partner, sign, final_norm, eps, *output]
         for layer, cache, code in zip(layers, caches, codes):
             qkv, dense, up, down = layer["linears"]
             args += [layer["norms"][0], eps, *qkv, cache[0], cache[1], layer["scales"], code, *dense,
@@ -566,23 +614,30 @@ def test_layer_stack_matches_numpy():
         return args
 
     codes = [np.int32([FORMATS.index(f) for f in layer["formats"]]) for layer in layers]
-    for batch, queries, keys in [(2, 35, 40), (3, 1, 11)]:
+    # prefill-shaped with a float16 embedding, decode-shaped with a float32 one
+    for (batch, queries, keys), table in [((2, 35, 40), embedding.astype(np.float16)), ((3, 1, 11), embedding)]:
         tokens = batch * queries
-        h = RNG.standard_normal((tokens, hidden)).astype(np.float32)
-        angles = RNG.uniform(-3, 3, (tokens, rotary)).astype(np.float32)
-        cos, sin = np.cos(angles), np.sin(angles)
         slot_mapping = RNG.choice(slots, tokens, replace=False).astype(np.int32)
         kv_slots = RNG.integers(0, slots, (batch, keys)).astype(np.int32)
         kv_slots[:, :queries] = slot_mapping.reshape(batch, queries)   # each row reads what it wrote
-        allowed = RNG.random((batch, queries, keys)) < 0.7
-        allowed[..., 0] = True
+        first = RNG.integers(0, 3, (batch, queries)).astype(np.int32)
+        step = dict(ids=RNG.integers(0, vocab, (batch, queries)).astype(np.int32),
+                    positions=RNG.integers(0, positions, (batch, 1, queries)).astype(np.int32),
+                    key_valid=(RNG.random((batch, keys)) < 0.8).astype(np.int32), first=first,
+                    last=first + RNG.integers(0, keys, (batch, queries)).astype(np.int32), slot_mapping=slot_mapping,
+                    kv_slots=kv_slots, logits_index=RNG.choice(tokens, min(tokens, 4), replace=False).astype(np.int32),
+                    embedding=table)
         caches = [layer["cache"].copy() for layer in layers]
-        args = arguments(h, cos, sin, slot_mapping, kv_slots, allowed, caches, codes)
+        args = arguments(step, caches, codes)
         assert len(args) == STACK_SHARED + 3 * STACK_PER_LAYER
         assert all(np.shares_memory(args[STACK_SHARED + i * STACK_PER_LAYER + at], caches[i][j])
                    for i in range(3) for j, at in enumerate(STACK_CACHE))
-        (out,) = _call(library, "MindglmLayerStack", args, [(tokens, hidden)])
-        x = h.astype(np.float64)
+        (logits,) = _call(library, "MindglmNetworkStep", args, [(len(step["logits_index"]), vocab + 3)])
+        x = table[step["ids"].reshape(-1)].astype(np.float64)
+        cos, sin = cos_table[step["positions"].reshape(-1)], sin_table[step["positions"].reshape(-1)]
+        key_index = np.arange(keys)
+        allowed = ((key_index >= step["first"][..., None]) & (key_index <= step["last"][..., None]) &
+                   (step["key_valid"][:, None, :] != 0)).reshape(tokens, keys)
         for layer, cache in zip(layers, caches):
             qkv, dense, up, down = layer["linears"]
             fmt_qkv, fmt_dense, fmt_up, fmt_down = layer["formats"]
@@ -595,18 +650,24 @@ def test_layer_stack_matches_numpy():
             untouched = np.setdiff1d(np.arange(slots), slot_mapping)
             np.testing.assert_array_equal(cache[:, untouched], layer["cache"][:, untouched])
             _assert_close(cache[:, slot_mapping], want_cache[:, slot_mapping])
-            attended = _attention_reference(q, *want_cache, np.repeat(kv_slots, queries, 0),
-                                            allowed.reshape(tokens, keys), *layer["scales"]).reshape(tokens, -1)
+            attended = _attention_reference(q, *want_cache, np.repeat(kv_slots, queries, 0), allowed,
+                                            *layer["scales"]).reshape(tokens, -1)
             h1 = x + _linear_reference(attended, fmt_dense, dense)
             gate_up = _linear_reference(_rms_reference(h1, layer["norms"][1], 1e-5), fmt_up, up)
             x = h1 + _linear_reference(gate_up[:, :ffn] / (1 + np.exp(-gate_up[:, :ffn])) * gate_up[:, ffn:],
                                        fmt_down, down)
-        _assert_close(out, x)
-    # refused, with every cache as it was: a slot past the caches' end; the last layer's format code
-    for bad_slots, bad_codes, status in [(np.int32([slots, 0, 1]), codes, 3), (slot_mapping, codes[:2] + [np.int32([0, 0, 7, 0])], 2)]:
+        head = _rms_reference(x[step["logits_index"]], final_norm, 1e-5)
+        _assert_close(logits, _linear_reference(head, output_format, output))
+    # refused, with every cache as it was: a slot past the caches' end (3), a token id past the
+    # vocabulary (3), a position past the tables (3), the last layer's format code (2)
+    bad_code = codes[:2] + [np.int32([0, 0, 7, 0])]
+    for change, bad_codes, status in [(dict(slot_mapping=np.int32([slots, 0, 1])), codes, 3),
+                                      (dict(ids=np.int32([[0], [vocab], [1]])), codes, 3),
+                                      (dict(positions=np.int32([[[0]], [[1]], [[positions]]])), codes, 3),
+                                      ({}, bad_code, 2)]:
         caches = [layer["cache"].copy() for layer in layers]
-        _call(library, "MindglmLayerStack", arguments(h, cos, sin, bad_slots, kv_slots, allowed, caches, bad_codes),
-              [(tokens, hidden)], status=status)
+        _call(library, "MindglmNetworkStep", arguments({**step, **change}, caches, bad_codes),
+              [(len(step["logits_index"]), vocab + 3)], status=status)
         for layer, cache in zip(layers, caches):
             np.testing.assert_array_equal(cache, layer["cache"])
 

@@ -1,6 +1,6 @@
 // A ChatGLM2/3 layer's cached step, for MindSpore's CPU backend (ops.Custom, func_type="aot"),
-// float32: two calls around the layer's KV cache write (mindglm/fused.py KernelBlock), or every
-// layer of the network in one call that writes the caches itself (KernelStackStep).
+// float32: two calls around the layer's KV cache write (mindglm/fused.py KernelBlock), or the
+// whole network's step in one call that writes the caches itself (KernelStackStep).
 //
 // A decode step of the `small` model spent as long in MindSpore's runtime around its ~120 ops as
 // in its matmuls: every op costs its launch, its output allocation and its hand-over to the next
@@ -10,8 +10,8 @@
 // in decode and prefill alike: the input block, the cache's two in-place writes, the output block.
 // Those four still cost more than their work: each op launched after a kernel has streamed its
 // weights through the caches finds MindSpore's own state evicted (a launch took 57 us after a
-// 40 MB kernel against 7 after a small one, measured with a stub kernel), so the stack call runs
-// every layer between two launches.
+// 40 MB kernel against 7 after a small one, measured with a stub kernel), so the network call runs
+// every layer, and the embedding, rotary, mask and output layer around them, in one launch.
 //
 //   MindglmAttentionInput(h [T, H], format [1] int32, norm [H], eps [1], w, scale [N], bias [N],
 //                         cos [T, R], sin [T, R], partner [R] int32, sign [R])
@@ -25,16 +25,24 @@
 //     attn = the attention over the cache (MindglmCacheAttention); h1 = h + dense(attn);
 //     out = h1 + down(swiglu(up(rms_norm(h1)))).
 //
-//   MindglmLayerStack(h [T, H], cos [T, R], sin [T, R], partner [R] int32, sign [R],
-//                     slot_mapping [T] int32, kv_slots [B, K] int32, allowed [B, S, K] bool,
-//                     then for each layer: norm [H], eps [1], qkv (w, scale, bias), keys [N, KV, D],
-//                     values [N, KV, D], scales [2], formats [4] int32 (qkv, dense, up, down),
-//                     dense (w, scale, bias), norm [H], eps [1], up (w, scale, bias),
-//                     down (w, scale, bias))
-//       -> out [T, H]
-//     layer by layer: the input block, token t's k and v written to slot slot_mapping[t] of the
-//     layer's keys and values (in place: the Python side declares them written, as ScatterUpdate
-//     does), the output block. Every argument of every layer is checked before anything is written.
+//   MindglmNetworkStep(input_ids [B, S] int32, position_ids [B, 1, S] int32, key_valid [B, K] int32,
+//                      query_first [B, S] int32, query_last [B, S] int32, slot_mapping [T] int32,
+//                      kv_slots [B, K] int32, logits_index [n] int32, formats [2] int32 (embedding:
+//                      float16 or float32; output layer), embedding [V, H], cos_table [P, R],
+//                      sin_table [P, R], partner [R] int32, sign [R], final norm [H], eps [1],
+//                      output (w, scale, bias),
+//                      then for each layer: norm [H], eps [1], qkv (w, scale, bias), keys [N, KV, D],
+//                      values [N, KV, D], scales [2], formats [4] int32 (qkv, dense, up, down),
+//                      dense (w, scale, bias), norm [H], eps [1], up (w, scale, bias),
+//                      down (w, scale, bias))
+//       -> logits [n, V']   (V' the output layer's rows)
+//     the whole cached step of the network (GLMTransformer's construct, KernelStackStep): the
+//     tokens' embedding rows, their rotary rows, the mask (layers.attention_mask: query (b, s)
+//     sees key k when key_valid[b, k] and query_first <= k <= query_last); then layer by layer the
+//     input block, token t's k and v written to slot slot_mapping[t] of the layer's keys and
+//     values (in place: the Python side declares them written, as ScatterUpdate does), the output
+//     block; last, the rows logits_index names through the final norm and the output layer.
+//     Every argument of every layer is checked before anything is written.
 //
 // Each linear layer takes (w, scale, bias) with its format's index in mindglm/quantize.py's
 // FORMATS (float layers pass a unit scale and zero bias, which change no bit). Tokens go through
@@ -133,7 +141,7 @@ void RunMlpBlock(const MlpBlock& block, const float* attn, const float* h, int64
 }
 
 // ------------------------------------------------------------------ the stack
-// One layer of MindglmLayerStack, read from its 20 arguments.
+// One layer of the stack (MindglmNetworkStep), read from its 20 arguments.
 struct StackLayer {
   InputBlock input;
   mindglm::HeadLayout layout;
@@ -176,6 +184,49 @@ void WriteCache(const float* k, const float* v, const int32_t* slots, int64_t to
   }
 }
 
+// Every layer in turn, from the arguments params[0, nparam) (h [T, H], cos [T, R], sin [T, R],
+// partner, sign, slot_mapping [T], kv_slots [B, K], allowed [B, S, K] bool, then 20 a layer; the
+// network step lays them out from its own), into out [T, H]; 0, or the error code, before any
+// cache is written.
+int RunLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, float* out) {
+  const int count = (nparam - kStackShared) / kStackPerLayer;
+  if (count < 1 || nparam != kStackShared + count * kStackPerLayer || ndims[0] != 2 || ndims[5] != 1) return 1;
+  const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
+  if (shapes[5][0] != tokens) return 2;
+  thread_local std::vector<StackLayer> layers;
+  layers.resize(count);
+  for (int l = 0; l < count; ++l)   // every layer checked before any cache is written
+    if (int status = ReadStackLayer(params, ndims, shapes, kStackShared + l * kStackPerLayer, tokens, hidden, &layers[l]))
+      return status;
+  const int32_t* slot_mapping = static_cast<const int32_t*>(params[5]);
+  thread_local std::vector<float> q, k, v, attended, ping, pong;
+  const float* h = static_cast<const float*>(params[0]);
+  for (int l = 0; l < count; ++l) {
+    StackLayer& layer = layers[l];
+    const int64_t q_width = layer.layout.heads * layer.layout.dim, kv_width = layer.layout.kv_heads * layer.layout.dim;
+    q.resize(tokens * q_width), attended.resize(tokens * q_width);
+    k.resize(tokens * kv_width), v.resize(tokens * kv_width);
+    RunInputBlock(layer.input, layer.layout, h, tokens, hidden, q.data(), k.data(), v.data());
+    WriteCache(k.data(), v.data(), slot_mapping, tokens, kv_width, layer.keys, layer.values);
+    layer.attention.q = q.data();
+    layer.attention.out = attended.data();
+    mindglm::Attend(layer.attention);
+    std::vector<float>& next = l % 2 ? pong : ping;   // never h: the MLP block reads h as it writes
+    float* to = out;
+    if (l + 1 < count) {
+      next.resize(tokens * hidden);
+      to = next.data();
+    }
+    RunMlpBlock(layer.mlp, attended.data(), h, tokens, to);
+    h = to;
+  }
+  return 0;
+}
+
+// MindglmNetworkStep's arguments before the layers', and the ranks of those up to the tables.
+constexpr int kNetworkShared = 19;
+constexpr int kNetworkRanks[] = {2, 3, 2, 2, 2, 1, 2, 1, 1, 2, 2, 2};
+
 }  // namespace
 
 extern "C" {
@@ -211,40 +262,76 @@ int MindglmLayerOutput(int nparam, void** params, int* ndims, int64_t** shapes, 
   return 0;
 }
 
-int MindglmLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  const int count = (nparam - kStackShared - 1) / kStackPerLayer, out = nparam - 1;
-  if (count < 1 || nparam != kStackShared + count * kStackPerLayer + 1 || ndims[0] != 2 || ndims[5] != 1 ||
-      ndims[out] != 2)
-    return 1;
-  const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
-  if (shapes[5][0] != tokens || shapes[out][0] != tokens || shapes[out][1] != hidden) return 2;
-  thread_local std::vector<StackLayer> layers;
-  layers.resize(count);
-  for (int l = 0; l < count; ++l)   // every layer checked before any cache is written
-    if (int status = ReadStackLayer(params, ndims, shapes, kStackShared + l * kStackPerLayer, tokens, hidden, &layers[l]))
-      return status;
-  const int32_t* slot_mapping = static_cast<const int32_t*>(params[5]);
-  thread_local std::vector<float> q, k, v, attended, ping, pong;
-  const float* h = static_cast<const float*>(params[0]);
-  for (int l = 0; l < count; ++l) {
-    StackLayer& layer = layers[l];
-    const int64_t q_width = layer.layout.heads * layer.layout.dim, kv_width = layer.layout.kv_heads * layer.layout.dim;
-    q.resize(tokens * q_width), attended.resize(tokens * q_width);
-    k.resize(tokens * kv_width), v.resize(tokens * kv_width);
-    RunInputBlock(layer.input, layer.layout, h, tokens, hidden, q.data(), k.data(), v.data());
-    WriteCache(k.data(), v.data(), slot_mapping, tokens, kv_width, layer.keys, layer.values);
-    layer.attention.q = q.data();
-    layer.attention.out = attended.data();
-    mindglm::Attend(layer.attention);
-    std::vector<float>& next = l % 2 ? pong : ping;   // never h: the MLP block reads h as it writes
-    float* to = static_cast<float*>(params[out]);
-    if (l + 1 < count) {
-      next.resize(tokens * hidden);
-      to = next.data();
-    }
-    RunMlpBlock(layer.mlp, attended.data(), h, tokens, to);
-    h = to;
+int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
+  if (count < 1 || nparam != kNetworkShared + count * kStackPerLayer + 1) return 1;
+  for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
+    if (ndims[i] != kNetworkRanks[i]) return 1;
+  if (ndims[out] != 2) return 1;
+  const int64_t batch = shapes[0][0], seq = shapes[0][1], tokens = batch * seq, keys = shapes[2][1];
+  const int64_t vocab = shapes[9][0], hidden = shapes[9][1], positions = shapes[10][0], rotary = shapes[10][1];
+  const int64_t logit_rows = shapes[7][0];
+  for (int i : {3, 4})
+    if (shapes[i][0] != batch || shapes[i][1] != seq) return 2;
+  if (shapes[1][0] != batch || shapes[1][1] != 1 || shapes[1][2] != seq || shapes[2][0] != batch ||
+      shapes[5][0] != tokens || shapes[6][0] != batch || shapes[6][1] != keys || shapes[8][0] != 2 ||
+      shapes[11][0] != positions || shapes[11][1] != rotary)
+    return 2;
+  const int32_t* formats = static_cast<const int32_t*>(params[8]);
+  if (formats[0] != mindglm::kF16 && formats[0] != mindglm::kF32) return 2;
+  const float* final_norm;
+  float eps;
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, 14, hidden, &final_norm, &eps)) return status;
+  LinearWeights head;
+  if (!mindglm::ReadLinear(params, ndims, shapes, 16, formats[1], hidden, &head) || shapes[out][0] != logit_rows ||
+      shapes[out][1] != head.n)
+    return 2;
+  const int32_t *ids = static_cast<const int32_t*>(params[0]), *position = static_cast<const int32_t*>(params[1]);
+  const int32_t* logits_index = static_cast<const int32_t*>(params[7]);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (ids[t] < 0 || ids[t] >= vocab || position[t] < 0 || position[t] >= positions) return 3;
+  for (int64_t i = 0; i < logit_rows; ++i)
+    if (logits_index[i] < 0 || logits_index[i] >= tokens) return 3;
+
+  // The layers' inputs: token rows of the embedding, rotary rows of the tables, the mask.
+  thread_local std::vector<float> h, cos, sin, stacked, picked, normed;
+  thread_local std::vector<uint8_t> allowed;
+  h.resize(tokens * hidden), cos.resize(tokens * rotary), sin.resize(tokens * rotary);
+  for (int64_t t = 0; t < tokens; ++t) {
+    mindglm::DenseRow(mindglm::Format(formats[0]), params[9], ids[t], hidden, h.data() + t * hidden);
+    const int64_t at = int64_t(position[t]) * rotary;
+    std::memcpy(cos.data() + t * rotary, static_cast<const float*>(params[10]) + at, sizeof(float) * rotary);
+    std::memcpy(sin.data() + t * rotary, static_cast<const float*>(params[11]) + at, sizeof(float) * rotary);
   }
+  const int32_t *key_valid = static_cast<const int32_t*>(params[2]), *first = static_cast<const int32_t*>(params[3]),
+                *last = static_cast<const int32_t*>(params[4]);
+  allowed.resize(tokens * keys);
+  for (int64_t q = 0; q < tokens; ++q)   // query q = (b, s) sees key k of row b: first <= k <= last, k real
+    for (int64_t k = 0; k < keys; ++k)
+      allowed[q * keys + k] = key_valid[q / seq * keys + k] != 0 && first[q] <= k && k <= last[q];
+
+  // The layer stack's arguments: those inputs, then every layer's as given.
+  int64_t h_shape[] = {tokens, hidden}, table_shape[] = {tokens, rotary}, mask_shape[] = {batch, seq, keys};
+  const int stack_params = kStackShared + count * kStackPerLayer;
+  thread_local std::vector<void*> view;
+  thread_local std::vector<int> view_ndims;
+  thread_local std::vector<int64_t*> view_shapes;
+  view.assign({h.data(), cos.data(), sin.data(), params[12], params[13], params[5], params[6], allowed.data()});
+  view_ndims.assign({2, 2, 2, ndims[12], ndims[13], ndims[5], ndims[6], 3});
+  view_shapes.assign({h_shape, table_shape, table_shape, shapes[12], shapes[13], shapes[5], shapes[6], mask_shape});
+  view.insert(view.end(), params + kNetworkShared, params + out);
+  view_ndims.insert(view_ndims.end(), ndims + kNetworkShared, ndims + out);
+  view_shapes.insert(view_shapes.end(), shapes + kNetworkShared, shapes + out);
+  stacked.resize(tokens * hidden);
+  if (int status = RunLayerStack(stack_params, view.data(), view_ndims.data(), view_shapes.data(), stacked.data()))
+    return status;
+
+  // The head: the rows asked for, normed, through the output layer.
+  picked.resize(logit_rows * hidden), normed.resize(logit_rows * hidden);
+  for (int64_t i = 0; i < logit_rows; ++i)
+    std::memcpy(picked.data() + i * hidden, stacked.data() + int64_t(logits_index[i]) * hidden, sizeof(float) * hidden);
+  mindglm::RmsNormRows(picked.data(), final_norm, eps, logit_rows, hidden, normed.data());
+  mindglm::LinearForward(head, normed.data(), logit_rows, static_cast<float*>(params[out]));
   return 0;
 }
 }

@@ -28,6 +28,9 @@ void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float*
 bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t format, int64_t k,
                 LinearWeights* layer);
 
+// Row `row` of a float32 or float16 table [rows, n] as n float32s (an embedding lookup; linear.cc).
+void DenseRow(Format format, const void* table, int64_t row, int64_t n, float* out);
+
 // y = x * rsqrt(mean(x^2) + eps) * w, row by row (fused.cc).
 void RmsNormRows(const float* x, const float* w, float eps, int64_t rows, int64_t hidden, float* y);
 

@@ -376,6 +376,15 @@ void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float*
   kernel_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
+void DenseRow(Format format, const void* table, int64_t row, int64_t n, float* out) {
+  if (format == kF32) {
+    std::memcpy(out, static_cast<const float*>(table) + row * n, sizeof(float) * n);
+    return;
+  }
+  const uint16_t* half = static_cast<const uint16_t*>(table) + row * n;
+  for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(half[i]);
+}
+
 bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t format, int64_t k,
                 LinearWeights* layer) {
   if (format < kInt8 || format > kF32 || ndims[i] != 2 || ndims[i + 1] != 1 || ndims[i + 2] != 1) return false;
