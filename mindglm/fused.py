@@ -254,7 +254,9 @@ class KernelStackStep(nn.Cell):
     """The engine's cached step (the inputs and result of ModelRunner's CompiledStep) for a network
     whose layers are all KernelBlocks: one kernel call (MindglmNetworkStep) from the step's token
     ids to its logits — the embedding rows, rotary rows and mask, every layer (each writing its KV
-    cache itself), the final norm and the output layer.
+    cache itself), the final norm and the output layer. With logits_index [steps, rows] it decodes
+    `steps` greedy steps in the call and returns (logits [steps * rows, vocab], the tokens each
+    step was fed [steps, rows]): the engine's decode_steps.
 
     An op launched after a kernel that streamed its weights through the CPU caches finds
     MindSpore's runtime state evicted: with a stub kernel, a launch cost 57 us after 40 MB read
@@ -277,7 +279,13 @@ class KernelStackStep(nn.Cell):
         self.formats = Tensor([FORMATS.index(embedding), FORMATS.index(network.output.fmt)], ms.int32)
         count, vocab = len(network.layers), network.output.out_features
         written = {STACK_SHARED + layer * STACK_PER_LAYER + i for layer in range(count) for i in STACK_CACHE}
-        self.op = _kernel("MindglmNetworkStep", lambda *shapes: [shapes[7][0], vocab],
+
+        def output_shapes(*shapes):
+            """logits [steps * n, vocab], fed [steps, n] of logits_index [n] or [steps, n]."""
+            steps, rows = (1, shapes[7][0]) if len(shapes[7]) == 1 else shapes[7]
+            return [steps * rows, vocab], [steps, rows]
+
+        self.op = _kernel("MindglmNetworkStep", output_shapes, outputs=2,
                           inputs=STACK_SHARED + count * STACK_PER_LAYER, written=written)
 
     @ms.jit
@@ -288,10 +296,13 @@ class KernelStackStep(nn.Cell):
         operands = ()
         for block in network.layers:
             operands = operands + block.stack_operands()
-        return self.op(input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
-                       logits_index, self.formats, network.embedding.weight, rotary.cos_table, rotary.sin_table,
-                       self.partner, self.sign, float32_operand(final_norm.weight), final_norm.eps,
-                       *network.output.kernel_operands(), *operands)
+        logits, fed = self.op(input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
+                              logits_index, self.formats, network.embedding.weight, rotary.cos_table,
+                              rotary.sin_table, self.partner, self.sign, float32_operand(final_norm.weight),
+                              final_norm.eps, *network.output.kernel_operands(), *operands)
+        if logits_index.ndim == 1:   # one step, as CompiledStep
+            return logits
+        return logits, fed
 
 
 def stackable(network) -> bool:

@@ -185,7 +185,7 @@ def test_thudm_default_budget_compiles_per_bucket_not_per_prompt(converted_model
     model.generate(rng.integers(3, 900, size=(1, 37)), max_length=model.config.seq_length, eos_token_id=-1,
                    max_new_tokens=4)
     assert engine.runner.signatures == compiled
-    assert {(1, 64, 64), (1, 1, 64)} <= compiled          # one prefill bucket, a window that fits the row
+    assert {(1, 64, 64, 1), (1, 1, 64, 1)} <= compiled    # one prefill bucket, a window that fits the row (1 step a call)
 
 
 def test_interleaved_stream_chats_on_one_model_equal_their_solo_replies():

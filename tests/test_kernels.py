@@ -366,6 +366,82 @@ def test_float16_checkpoint_steps_in_one_kernel_call():
             np.testing.assert_array_equal(a, b)
 
 
+def test_decode_steps_give_the_tokens_of_one_step_a_call():
+    """engine.decode_steps 4 on a one-call (KernelStackStep) network: greedy rows decode up to 4
+    tokens a call, and every request gets the tokens and stream it gets one step a call — rows
+    decoded together, budgets that are not a multiple of 4, a stop id met inside a call's steps,
+    a repetition penalty and a sampled request (those run one step a call while they decode). No
+    graph compiles after warm-up."""
+    from mindglm.checkpoint import expected_shapes
+    from mindglm.engine import Engine, EngineConfig
+    from mindglm.engine.model_runner import DecodeSteps
+    from mindglm.generation.config import GenerationConfig
+    weights = {name: (RNG.standard_normal(shape) * 1.0).astype(np.float32)
+               for name, shape in expected_shapes(tiny_config()).items()}
+    prompts = [list(RNG.integers(1, 64, n)) for n in (9, 4, 6)]
+
+    def engine(steps):
+        config = tiny_config(quantization_bit=8)
+        network = family_module(config).build_network(config)
+        quantize_network(network, config)
+        load_weights(network, weights.items(), "random")
+        built = Engine(network, config, EngineConfig(max_num_seqs=4, max_model_len=48, decode_steps=steps))
+        built.warmup()
+        return built
+
+    def run(engine, requests):
+        """(output ids, streamed ids) of each request, run together, and the calls' step counts."""
+        streams = [[] for _ in requests]
+        seqs = [engine.add_request(prompt, generation, stop_ids=stop,
+                                   listener=lambda seq, new, i=i: streams[i].extend(new))
+                for i, (prompt, generation, stop) in enumerate(requests)]
+        calls = []
+        execute = engine.runner.execute
+        engine.runner.execute = lambda plan: calls.append(plan.decode_steps if plan.decode else 0) or execute(plan)
+        engine.run_until_done(seqs)
+        engine.runner.execute = execute
+        return [(seq.output_ids, seq.finish_reason) for seq in seqs], streams, calls
+
+    one, four = engine(1), engine(4)
+    assert four.runner.decode_steps == 4 and one.runner.decode_steps == 1
+    greedy = [(prompts[0], GenerationConfig(max_new_tokens=11), ()), (prompts[1], GenerationConfig(max_new_tokens=6), ())]
+    want, want_streams, calls = run(one, greedy)
+    got, streams, multi_calls = run(four, greedy)
+    assert got == want and streams == want_streams == [ids for ids, _ in want]
+    assert len(set(want[0][0])) > 3                    # the weights give varied tokens
+    assert set(calls) == {0, 1} and 4 in multi_calls and len(multi_calls) < len(calls)   # 0: prefill alone
+    # a stop id met inside a call's steps: the row ends there, as one step a call ends it
+    stop = want[0][0][5]
+    stopping = [(prompts[0], GenerationConfig(max_new_tokens=11), (stop,)), greedy[1]]
+    want, want_streams, _ = run(one, stopping)
+    got, streams, _ = run(four, stopping)
+    assert got == want and streams == want_streams and want[0][1] == "stop" and len(want[0][0]) <= 6
+    # a penalty or a sampled request beside a greedy one: one step a call while it decodes
+    mixed = [greedy[0], (prompts[2], GenerationConfig(max_new_tokens=5, repetition_penalty=1.3), ()),
+             (prompts[1], GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.9, seed=3), ())]
+    want, want_streams, _ = run(one, mixed)
+    got, streams, multi_calls = run(four, mixed)
+    assert got == want and streams == want_streams and multi_calls.count(4) > 0
+    assert four.compiles == len(four.runner.reachable_shapes())   # all at warm-up
+    # the runner's several-step rows: each later step fed the previous step's argmax
+    plan = four.scheduler.schedule()
+    assert plan.empty
+    seq = four.add_request(prompts[2], GenerationConfig(max_new_tokens=9))
+    four.step()                                          # prefill + first token
+    plan = four.scheduler.schedule()
+    assert plan.decode_steps == 4
+    (row,) = four.runner.execute(plan).values()
+    assert isinstance(row, DecodeSteps) and row.logits.shape == (4, 64)
+    assert row.fed[0] == seq.output_ids[-1] and list(row.fed[1:]) == list(row.logits[:-1].argmax(-1))
+    # a step whose fed token is not the one sampled before it is dropped, and every later one
+    from mindglm.engine.engine import take_tokens
+    logits = np.zeros((3, 64), np.float32)
+    logits[0, 5] = logits[1, 7] = logits[2, 9] = 1.0
+    before = list(seq.output_ids)
+    assert take_tokens(seq, DecodeSteps(logits, np.array([seq.output_ids[-1], 5, 8]))) == 2
+    assert seq.output_ids == before + [5, 7]
+
+
 # ------------------------------------------------------------------ fused attention kernels
 def _compiled(op):
     """`op` inside a graph-compiled Cell."""
@@ -601,7 +677,7 @@ def test_network_step_matches_numpy():
                            scales=np.float32([1 / np.sqrt(dim), float(RNG.uniform(0.5, 2))]),
                            cache=RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)))
 
-    def arguments(step, caches, codes):
+    def arguments(step, caches, codes, output=output):
         args = [step[name] for name in ("ids", "positions", "key_valid", "first", "last", "slot_mapping", "kv_slots",
                                         "logits_index")]
         table = step["embedding"]
@@ -632,7 +708,9 @@ def test_network_step_matches_numpy():
         assert len(args) == STACK_SHARED + 3 * STACK_PER_LAYER
         assert all(np.shares_memory(args[STACK_SHARED + i * STACK_PER_LAYER + at], caches[i][j])
                    for i in range(3) for j, at in enumerate(STACK_CACHE))
-        (logits,) = _call(library, "MindglmNetworkStep", args, [(len(step["logits_index"]), vocab + 3)])
+        n = len(step["logits_index"])
+        logits, fed = _call(library, "MindglmNetworkStep", args, [(n, vocab + 3), (1, n)])
+        np.testing.assert_array_equal(fed[0], step["ids"].reshape(-1)[step["logits_index"]])
         x = table[step["ids"].reshape(-1)].astype(np.float64)
         cos, sin = cos_table[step["positions"].reshape(-1)], sin_table[step["positions"].reshape(-1)]
         key_index = np.arange(keys)
@@ -658,6 +736,35 @@ def test_network_step_matches_numpy():
                                        fmt_down, down)
         head = _rms_reference(x[step["logits_index"]], final_norm, 1e-5)
         _assert_close(logits, _linear_reference(head, output_format, output))
+    # three greedy decode steps in one call (logits_index [3, batch]) are three calls one step
+    # each, fed the argmax, one position, slot and key on: bit for bit, caches included
+    head = _random_layer(vocab, hidden, output_format)     # its argmax must be a token id
+    base = np.arange(3, dtype=np.int32)[:, None] * 30
+    decode = dict(ids=RNG.integers(0, vocab, (3, 1)).astype(np.int32), positions=np.int32([[[4]], [[9]], [[0]]]),
+                key_valid=(np.arange(11) <= np.int32([[5], [2], [7]])).astype(np.int32),
+                first=np.zeros((3, 1), np.int32), last=np.int32([[5], [2], [7]]), embedding=embedding,
+                kv_slots=base + np.arange(11, dtype=np.int32), logits_index=np.tile(np.arange(3, dtype=np.int32), (3, 1)))
+    decode["slot_mapping"] = (base[:, 0] + decode["last"][:, 0]).astype(np.int32)
+    together = [layer["cache"].copy() for layer in layers]
+    logits, fed = _call(library, "MindglmNetworkStep", arguments(decode, together, codes, head), [(9, vocab), (3, 3)])
+    apart, single = [layer["cache"].copy() for layer in layers], dict(decode, logits_index=np.arange(3, dtype=np.int32))
+    for k in range(3):
+        want, want_fed = _call(library, "MindglmNetworkStep", arguments(single, apart, codes, head), [(3, vocab), (1, 3)])
+        np.testing.assert_array_equal(logits[3 * k:3 * k + 3], want)
+        np.testing.assert_array_equal(fed[k], want_fed[0])
+        last = single["last"] + 1
+        single = dict(single, ids=want.argmax(-1).astype(np.int32)[:, None], positions=single["positions"] + 1,
+                      last=last, slot_mapping=single["slot_mapping"] + 1,
+                      key_valid=(np.arange(11) <= last).astype(np.int32))
+    for a, b in zip(together, apart):
+        np.testing.assert_array_equal(a, b)
+    # refused before any step: a window too short for the steps (3), a slot not where the mask admits it (2)
+    for change, status in [(dict(last=np.int32([[5], [2], [9]])), 3), (dict(slot_mapping=decode["slot_mapping"] + 1), 2)]:
+        caches = [layer["cache"].copy() for layer in layers]
+        _call(library, "MindglmNetworkStep", arguments({**decode, **change}, caches, codes, head), [(9, vocab), (3, 3)],
+              status=status)
+        for layer, cache in zip(layers, caches):
+            np.testing.assert_array_equal(cache, layer["cache"])
     # refused, with every cache as it was: a slot past the caches' end (3), a token id past the
     # vocabulary (3), a position past the tables (3), the last layer's format code (2)
     bad_code = codes[:2] + [np.int32([0, 0, 7, 0])]
@@ -667,7 +774,7 @@ def test_network_step_matches_numpy():
                                       ({}, bad_code, 2)]:
         caches = [layer["cache"].copy() for layer in layers]
         _call(library, "MindglmNetworkStep", arguments({**step, **change}, caches, bad_codes),
-              [(len(step["logits_index"]), vocab + 3)], status=status)
+              [(len(step["logits_index"]), vocab + 3), (1, len(step["logits_index"]))], status=status)
         for layer, cache in zip(layers, caches):
             np.testing.assert_array_equal(cache, layer["cache"])
 

@@ -10,7 +10,8 @@ after warm-up, the KV cache's size and peak RSS.
 
 --quantize int8|int4|fp16|fp32 builds mindglm with that weight format (fp32/fp16 through the CPU
 kernels; default: fp32 weights and MindSpore's MatMul). --compare-cpp runs tools/bench_cpp.py
-instead: batch-1 decode of each format against chatglm.cpp q8_0/q4_0/f16/f32 in the same run.
+instead: batch-1 decode of each format against chatglm.cpp q8_0/q4_0/f16/f32 in the same run;
+--decode-steps K gives mindglm's engine K greedy decode steps per model call there.
 
 With --compare-torch, transformers' GlmForCausalLM (the same network, see the fixtures README,
 "A second oracle for ChatGLM2/3") runs the same prompts with the same weights. Its greedy tokens
@@ -439,6 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-cpp", action="store_true",
                         help="batch-1 decode against chatglm.cpp at the same precision, for --quantize or "
                              "all four formats (needs chatglm-cpp==0.4.2 and torch)")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="with --compare-cpp: mindglm's engine.decode_steps (greedy decode steps per call)")
     parser.add_argument("--tokenizer", default=os.path.join(REPO, "tests", "fixtures", "tokenizers", "tokenizer.model"),
                         help="with --compare-cpp: the ChatGLM2 tokenizer.model written into chatglm.cpp's file")
     parser.add_argument("--tensor-parallel", type=int, default=1,
@@ -483,8 +486,9 @@ def main(argv=None) -> int:
         prompt = np.random.default_rng(args.seed + 1).integers(3, config.vocab_size, (1, args.prompt_len))
         formats = [args.quantize] if args.quantize else ["fp32", "fp16", "int8", "int4", "matmul"]
         report["kernels_simd"] = kernel_simd()
+        report["decode_steps"] = args.decode_steps
         report["compare_cpp"] = compare(config, weights, formats, prompt, args.new_tokens, args.repeats,
-                                        args.tokenizer, load_average)
+                                        args.tokenizer, load_average, args.decode_steps)
         report["ratios"] = {fmt: entry["ratio"] for fmt, entry in report["compare_cpp"].items()}
         report["peak_rss_mb"] = peak_rss_mb()
         report["load_average_end"] = load_average()

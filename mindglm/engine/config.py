@@ -16,7 +16,13 @@ class EngineConfig:
     max_num_seqs: cache rows, i.e. sequences decoded together; max_model_len: slots per row —
     prompt plus reply (None: the model's seq_length, at most 8192); chunk_size: prompt tokens
     prefilled per step, so a long prompt never stalls running sequences for more than one chunk;
-    max_waiting: requests queued for a row before add_request refuses more (QueueFull).
+    max_waiting: requests queued for a row before add_request refuses more (QueueFull);
+    decode_steps: greedy decode steps per model call (as vLLM's num_scheduler_steps) where the
+    network runs its step as one kernel call (mindglm/fused.py KernelStackStep) and every row
+    decoding in the step is greedy without a repetition penalty; each later step is fed the
+    argmax of the one before, and the engine keeps it only while its sampler chose the same
+    token, so the tokens are those of one step a call. Tokens then stream in bursts of up to
+    this many.
     The cache holds max_num_seqs x max_model_len slots per layer, allocated once.
     """
 
@@ -24,9 +30,10 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     chunk_size: int = 256
     max_waiting: int = 256
+    decode_steps: int = 1
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_model_len", "chunk_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_model_len", "chunk_size", "max_waiting", "decode_steps"):
             value = getattr(self, name)
             if (value is not None or name != "max_model_len") and not (is_type(value, int) and value > 0):
                 raise ConfigError(f"engine setting '{name}' is {value!r}; it must be a positive int"

@@ -19,7 +19,7 @@ import numpy as np
 
 from mindglm.config import ConfigError
 from mindglm.engine.config import EngineConfig
-from mindglm.engine.model_runner import ModelRunner, ReferenceRunner
+from mindglm.engine.model_runner import DecodeSteps, ModelRunner, ReferenceRunner
 from mindglm.engine.sampler import sample
 from mindglm.engine.scheduler import Scheduler
 from mindglm.engine.sequence import Sequence
@@ -75,6 +75,23 @@ def token_budget(generation: GenerationConfig, prompt_tokens: int, max_model_len
     return room, False
 
 
+def take_tokens(seq: Sequence, logits) -> int:
+    """Sample `seq`'s next token(s) from a step's logits [vocab], or from DecodeSteps: step k's
+    logits while the token sampled at step k - 1 is the one the call fed step k, and the
+    sequence has not finished; returns how many tokens it took."""
+    if not isinstance(logits, DecodeSteps):
+        seq.append_token(sample(seq, logits))
+        return 1
+    taken = 0
+    for k, step_logits in enumerate(logits.logits):
+        token = sample(seq, step_logits)
+        seq.append_token(token)
+        taken += 1
+        if seq.finished or k + 1 == len(logits.fed) or token != logits.fed[k + 1]:
+            break
+    return taken
+
+
 class Engine:
     """Scheduler + runner + sampler over one network."""
 
@@ -87,9 +104,9 @@ class Engine:
         self.engine_config = engine_config or EngineConfig()
         self.max_model_len = self.engine_config.model_len(config.seq_length)
         self.family = family_module(config)
-        self.scheduler = Scheduler(self.engine_config, self.max_model_len)
         self.runner = (ModelRunner(network, config, self.engine_config, self.max_model_len) if use_past
                        else ReferenceRunner(network, config))
+        self.scheduler = Scheduler(self.engine_config, self.max_model_len, self.runner.decode_steps)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ requests
@@ -145,18 +162,18 @@ class Engine:
                     self._forget(self.scheduler.abort(item.request_id))
                 raise
             by_id = {seq.request_id: seq for seq in self.scheduler.running}
-            changed = []
+            changed, decoded = [], {}
             for request_id, row_logits in logits.items():
                 seq = by_id[request_id]
-                seq.append_token(sample(seq, row_logits))
+                decoded[request_id] = take_tokens(seq, row_logits)
                 changed.append(seq)
-            self.scheduler.update(plan)
+            self.scheduler.update(plan, decoded)
             for seq in changed:
                 if seq.finished:
                     self._forget(seq)
         for seq in changed:
             if seq.listener is not None:
-                seq.listener(seq, seq.output_ids[-1:])
+                seq.listener(seq, seq.output_ids[-decoded[seq.request_id]:])
         return changed
 
     def _forget(self, seq) -> None:

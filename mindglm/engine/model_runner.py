@@ -19,6 +19,8 @@ row lives at slot P + t; the ReferenceRunner shifts its mask inputs the same way
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -31,6 +33,17 @@ from mindglm.models.layers import last_visible_key
 
 # Most sequences one prefill call packs: its graph returns this many rows of logits.
 MAX_PACKED = 8
+
+
+@dataclass
+class DecodeSteps:
+    """One row's logits of several greedy decode steps in one call (EngineConfig.decode_steps):
+    logits [steps, vocab] and fed [steps], the token each step was fed (fed[0] the row's own,
+    then the argmax of the step before). Step k's logits are the row's next ones only if its
+    sampler chose fed[k] at step k - 1 (Engine keeps them while it does)."""
+
+    logits: np.ndarray
+    fed: np.ndarray
 
 
 def int_tensor(array) -> Tensor:
@@ -84,6 +97,8 @@ class ModelRunner:
         fuse_blocks(network)
         self.step_kind = KernelStackStep if stackable(network) else CompiledStep
         self.step = self.step_kind(network)
+        # greedy decode steps one call may take (only the one-call network step can)
+        self.decode_steps = engine_config.decode_steps if self.step_kind is KernelStackStep else 1
         self.signatures = set()               # (rows, tokens, window) of each graph compiled
         self.compiles = 0
 
@@ -114,11 +129,11 @@ class ModelRunner:
         return shape
 
     def reachable_shapes(self) -> list:
-        """Every (rows, tokens, window) key a workload can need, prefill and decode."""
-        keys = set(self.prefill_keys)
+        """Every (rows, tokens, window, steps) key a workload can need, prefill and decode."""
+        keys = {key + (1,) for key in self.prefill_keys}
         for rows in self.row_buckets:
             for window in self.window_buckets:
-                keys.add((rows, 1, window))
+                keys |= {(rows, 1, window, steps) for steps in {1, self.decode_steps}}
         return sorted(keys)
 
     # ------------------------------------------------------------------ execution
@@ -129,7 +144,8 @@ class ModelRunner:
         for call in self.pack(plan.prefill):
             logits.update(self._prefill(call))
         if plan.decode:
-            for row, row_logits in zip(plan.decode, self._decode(plan.decode)):
+            steps = min(plan.decode_steps, self.decode_steps)
+            for row, row_logits in zip(plan.decode, self._decode(plan.decode, steps)):
                 logits[row.request_id] = row_logits
         return logits
 
@@ -173,17 +189,13 @@ class ModelRunner:
                         kv_slots[None], logits_index)
         return {request_id: out[i] for i, request_id in enumerate(sampled)}
 
-    def _decode(self, decode_rows) -> np.ndarray:
+    def _decode(self, decode_rows, steps: int = 1) -> list:
+        """Each row's logits [vocab] (steps 1) or DecodeSteps, in order."""
         count = len(decode_rows)
         rows = bucket_for(count, self.row_buckets)
-        window = bucket_for(self.prefix + max(r.slot for r in decode_rows) + 1, self.window_buckets)
-        channels = decode_rows[0].position.shape[0]
-        ids = np.full((rows, 1), self.config.pad_id)
-        positions = np.zeros((rows, channels, 1))
-        key_valid = np.zeros((rows, window))
-        query_last = np.zeros((rows, 1))
-        slots = self.scratch_row * self.row_len + np.arange(rows)
-        kv_slots = np.full((rows, 1), self.scratch_row * self.row_len) + np.arange(window)
+        window = bucket_for(self.prefix + max(r.slot for r in decode_rows) + steps, self.window_buckets)
+        arrays = self._decode_inputs(rows, window, decode_rows[0].position.shape[0])
+        ids, positions, key_valid, query_last, slots, kv_slots = arrays
         for b, row in enumerate(decode_rows):
             slot = self.prefix + row.slot
             ids[b, 0] = row.token_id
@@ -192,20 +204,36 @@ class ModelRunner:
             query_last[b, 0] = last_visible_key(slot, self.prefix + row.context_length)
             slots[b] = row.row * self.row_len + slot
             kv_slots[b] = row.row * self.row_len + np.arange(window)
-        return self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots,
-                         np.arange(rows))[:count]
+        logits_index = np.arange(rows) if steps == 1 else np.tile(np.arange(rows), (steps, 1))
+        out = self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots, logits_index)
+        if steps == 1:
+            return list(out[:count])
+        logits, fed = out
+        logits = logits.reshape(steps, rows, -1)
+        return [DecodeSteps(logits[:, b], fed[:, b].astype(np.int64)) for b in range(count)]
+
+    def _decode_inputs(self, rows: int, window: int, channels: int) -> list:
+        """A decode call's ids, positions, key_valid, query_last, slot_mapping and kv_slots with
+        every row padding: it reads and writes the scratch row from its slot 0 on, so that a call
+        of several steps finds each step's slot where its mask admits it."""
+        scratch = self.scratch_row * self.row_len
+        return [np.full((rows, 1), self.config.pad_id), np.zeros((rows, channels, 1)), np.zeros((rows, window)),
+                np.zeros((rows, 1)), np.full(rows, scratch), np.full((rows, 1), scratch) + np.arange(window)]
 
     def release(self, request_id: str) -> None:
         """Nothing to do: a freed row's stale slots are never admitted by the mask."""
 
-    def _run(self, *arrays) -> np.ndarray:
-        ids, key_valid = arrays[0], arrays[2]
-        key = (ids.shape[0], ids.shape[1], key_valid.shape[1])  # the logits' rows follow (logit_rows)
+    def _run(self, *arrays):
+        """The step's logits, or (logits, fed) of a call of several decode steps (KernelStackStep)."""
+        ids, key_valid, logits_index = arrays[0], arrays[2], arrays[-1]
+        steps = logits_index.shape[0] if logits_index.ndim == 2 else 1
+        key = (ids.shape[0], ids.shape[1], key_valid.shape[1], steps)  # the logits' rows follow (logit_rows)
         if key not in self.signatures:
             self.signatures.add(key)
             self.compiles += 1
         try:
-            return self.step(*(int_tensor(a) for a in arrays)).asnumpy()
+            out = self.step(*(int_tensor(a) for a in arrays))
+            return tuple(o.asnumpy() for o in out) if isinstance(out, tuple) else out.asnumpy()
         except Exception:
             # MindSpore leaves a compiled graph that raised unusable ("Invalid output number for
             # flatten stub output nodes" on every later call); a fresh cell compiles anew.
@@ -219,8 +247,13 @@ class ModelRunner:
         before = self.compiles
         channels = 2 if self.config.family == "chatglm" else 1
         scratch = self.scratch_row * self.row_len
-        for rows, tokens, window in self.reachable_shapes():
-            if (rows, tokens, window) in self.signatures:
+        for rows, tokens, window, steps in self.reachable_shapes():
+            if (rows, tokens, window, steps) in self.signatures:
+                continue
+            if tokens == 1:
+                ids, positions, key_valid, query_last, slots, kv_slots = self._decode_inputs(rows, window, channels)
+                logits_index = np.arange(rows) if steps == 1 else np.tile(np.arange(rows), (steps, 1))
+                self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots, logits_index)
                 continue
             zeros = np.zeros
             self._run(np.full((rows, tokens), self.config.pad_id), zeros((rows, channels, tokens)),
@@ -239,6 +272,7 @@ class ReferenceRunner:
         self.histories = {}                   # request_id -> (token ids, positions [channels, n])
         self.prefix = prefix_length(network)
         self.compiles = 0                     # nothing is compiled on this path
+        self.decode_steps = 1                 # one step a call (EngineConfig.decode_steps)
 
     def execute(self, plan: StepPlan) -> dict:
         logits = {}

@@ -50,6 +50,7 @@ class DecodeRow:
 class StepPlan:
     prefill: list = field(default_factory=list)
     decode: list = field(default_factory=list)
+    decode_steps: int = 1          # greedy decode steps the runner may take in one call (EngineConfig)
 
     @property
     def empty(self) -> bool:
@@ -59,9 +60,10 @@ class StepPlan:
 class Scheduler:
     """Waiting and running queues over a fixed pool of cache rows."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int):
+    def __init__(self, config: EngineConfig, max_model_len: int, decode_steps: int = 1):
         self.config = config
         self.max_model_len = max_model_len
+        self.decode_steps = decode_steps   # what the runner can take in one call (1: one step a call)
         self.waiting: deque = deque()
         self.running: list = []
         self.free_rows = list(range(config.max_num_seqs))
@@ -119,17 +121,29 @@ class Scheduler:
             plan.prefill.append(PrefillChunk(seq.request_id, seq.row, start, seq.token_ids(start, end),
                                              seq.positions_of(start, end), seq.context_length,
                                              samples=end == len(seq.prompt_ids)))
+        decoding = [seq for seq in self.running if seq.prefill_done and seq.output_ids]
+        if self.decode_steps > 1 and decoding and all(self._multi_step(seq) for seq in decoding):
+            plan.decode_steps = self.decode_steps
         return plan
 
-    def update(self, plan: StepPlan) -> None:
-        """Book an executed plan: the scheduled tokens are now in the cache."""
+    def _multi_step(self, seq: Sequence) -> bool:
+        """Whether `seq` may decode decode_steps tokens in one call: greedy with no repetition
+        penalty (a sampler that would often choose other than the argmax wastes the later steps),
+        positions one apart (ChatGLM2/3's rule), and room for every step in its row."""
+        generation = seq.generation
+        return (not generation.do_sample and generation.repetition_penalty == 1.0 and seq.position_rule is None
+                and seq.position_step.tolist() == [1] and seq.num_computed + self.decode_steps <= self.max_model_len)
+
+    def update(self, plan: StepPlan, decoded: dict = None) -> None:
+        """Book an executed plan: the scheduled tokens are now in the cache; `decoded`: the tokens
+        each decode row kept ({request_id: n}, default 1) — its first n fed tokens are."""
         by_id = {seq.request_id: seq for seq in self.running}
         for chunk in plan.prefill:
             if chunk.request_id in by_id:
                 by_id[chunk.request_id].num_computed += len(chunk.token_ids)
         for row in plan.decode:
             if row.request_id in by_id:
-                by_id[row.request_id].num_computed += 1
+                by_id[row.request_id].num_computed += (decoded or {}).get(row.request_id, 1)
         self._release_finished()
 
     def _release_finished(self) -> None:

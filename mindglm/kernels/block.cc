@@ -27,22 +27,29 @@
 //
 //   MindglmNetworkStep(input_ids [B, S] int32, position_ids [B, 1, S] int32, key_valid [B, K] int32,
 //                      query_first [B, S] int32, query_last [B, S] int32, slot_mapping [T] int32,
-//                      kv_slots [B, K] int32, logits_index [n] int32, formats [2] int32 (embedding:
-//                      float16 or float32; output layer), embedding [V, H], cos_table [P, R],
-//                      sin_table [P, R], partner [R] int32, sign [R], final norm [H], eps [1],
-//                      output (w, scale, bias),
+//                      kv_slots [B, K] int32, logits_index [n] or [steps, B] int32, formats [2] int32
+//                      (embedding: float16 or float32; output layer), embedding [V, H],
+//                      cos_table [P, R], sin_table [P, R], partner [R] int32, sign [R], final norm [H],
+//                      eps [1], output (w, scale, bias),
 //                      then for each layer: norm [H], eps [1], qkv (w, scale, bias), keys [N, KV, D],
 //                      values [N, KV, D], scales [2], formats [4] int32 (qkv, dense, up, down),
 //                      dense (w, scale, bias), norm [H], eps [1], up (w, scale, bias),
 //                      down (w, scale, bias))
-//       -> logits [n, V']   (V' the output layer's rows)
+//       -> logits [steps * n, V'] (V' the output layer's rows), fed [steps, n] (float32 token ids)
 //     the whole cached step of the network (GLMTransformer's construct, KernelStackStep): the
 //     tokens' embedding rows, their rotary rows, the mask (layers.attention_mask: query (b, s)
 //     sees key k when key_valid[b, k] and query_first <= k <= query_last); then layer by layer the
 //     input block, token t's k and v written to slot slot_mapping[t] of the layer's keys and
 //     values (in place: the Python side declares them written, as ScatterUpdate does), the output
-//     block; last, the rows logits_index names through the final norm and the output layer.
-//     Every argument of every layer is checked before anything is written.
+//     block; last, the rows logits_index names through the final norm and the output layer; fed[0]
+//     holds those rows' input tokens. Every argument of every layer is checked before anything is
+//     written.
+//     With logits_index [steps, B] (every row b of it 0..B-1), one query a row (S = 1): `steps`
+//     greedy decode steps in one call, each after the first feeding every row the argmax of its
+//     previous logits (the first largest) at position + 1 and slot_mapping + 1, its key admitted at
+//     window index query_last + 1 (kv_slots must name that slot there); fed[k] holds the tokens
+//     step k was fed. The engine keeps a row's step k only while its sampler chose what the
+//     kernel fed (mindglm/engine), so every token is the one a step at a time would give.
 //
 // Each linear layer takes (w, scale, bias) with its format's index in mindglm/quantize.py's
 // FORMATS (float layers pass a unit scale and zero bias, which change no bit). Tokens go through
@@ -227,42 +234,8 @@ int RunLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, float
 constexpr int kNetworkShared = 19;
 constexpr int kNetworkRanks[] = {2, 3, 2, 2, 2, 1, 2, 1, 1, 2, 2, 2};
 
-}  // namespace
-
-extern "C" {
-int MindglmAttentionInput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 14 || ndims[0] != 2 || ndims[1] != 1 || shapes[1][0] != 1) return 1;
-  const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
-  InputBlock block;
-  if (int status = ReadInputBlock(params, ndims, shapes, 2, 4, *static_cast<const int32_t*>(params[1]), hidden, &block))
-    return status;
-  mindglm::HeadLayout layout;
-  if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 7, 11, tokens, block.qkv.n, &layout)) return status;
-  RunInputBlock(block, layout, static_cast<const float*>(params[0]), tokens, hidden, static_cast<float*>(params[11]),
-                static_cast<float*>(params[12]), static_cast<float*>(params[13]));
-  return 0;
-}
-
-int MindglmLayerOutput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
-  if (nparam != 20 || ndims[19] != 2 || ndims[6] != 2 || ndims[7] != 1 || shapes[7][0] != 3) return 1;
-  mindglm::CacheAttention attention;
-  if (int status = mindglm::ReadCacheAttention(params, ndims, shapes, &attention)) return status;
-  const int64_t tokens = attention.batch * attention.queries, width = attention.heads * attention.dim;
-  const int64_t hidden = shapes[6][1];
-  if (shapes[6][0] != tokens) return 2;
-  MlpBlock block;
-  if (int status = ReadMlpBlock(params, ndims, shapes, 8, static_cast<const int32_t*>(params[7]), hidden, width, &block))
-    return status;
-  if (shapes[19][0] != tokens || shapes[19][1] != hidden) return 2;
-  thread_local std::vector<float> attended;
-  attended.resize(tokens * width);
-  attention.out = attended.data();
-  mindglm::Attend(attention);
-  RunMlpBlock(block, attended.data(), static_cast<const float*>(params[6]), tokens, static_cast<float*>(params[19]));
-  return 0;
-}
-
-int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+// One step of MindglmNetworkStep: its arguments with logits_index [n] and the one output logits [n, V'].
+int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
   const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
   if (count < 1 || nparam != kNetworkShared + count * kStackPerLayer + 1) return 1;
   for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
@@ -332,6 +305,101 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
     std::memcpy(picked.data() + i * hidden, stacked.data() + int64_t(logits_index[i]) * hidden, sizeof(float) * hidden);
   mindglm::RmsNormRows(picked.data(), final_norm, eps, logit_rows, hidden, normed.data());
   mindglm::LinearForward(head, normed.data(), logit_rows, static_cast<float*>(params[out]));
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int MindglmAttentionInput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 14 || ndims[0] != 2 || ndims[1] != 1 || shapes[1][0] != 1) return 1;
+  const int64_t tokens = shapes[0][0], hidden = shapes[0][1];
+  InputBlock block;
+  if (int status = ReadInputBlock(params, ndims, shapes, 2, 4, *static_cast<const int32_t*>(params[1]), hidden, &block))
+    return status;
+  mindglm::HeadLayout layout;
+  if (int status = mindglm::ReadHeadLayout(params, ndims, shapes, 7, 11, tokens, block.qkv.n, &layout)) return status;
+  RunInputBlock(block, layout, static_cast<const float*>(params[0]), tokens, hidden, static_cast<float*>(params[11]),
+                static_cast<float*>(params[12]), static_cast<float*>(params[13]));
+  return 0;
+}
+
+int MindglmLayerOutput(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 20 || ndims[19] != 2 || ndims[6] != 2 || ndims[7] != 1 || shapes[7][0] != 3) return 1;
+  mindglm::CacheAttention attention;
+  if (int status = mindglm::ReadCacheAttention(params, ndims, shapes, &attention)) return status;
+  const int64_t tokens = attention.batch * attention.queries, width = attention.heads * attention.dim;
+  const int64_t hidden = shapes[6][1];
+  if (shapes[6][0] != tokens) return 2;
+  MlpBlock block;
+  if (int status = ReadMlpBlock(params, ndims, shapes, 8, static_cast<const int32_t*>(params[7]), hidden, width, &block))
+    return status;
+  if (shapes[19][0] != tokens || shapes[19][1] != hidden) return 2;
+  thread_local std::vector<float> attended;
+  attended.resize(tokens * width);
+  attention.out = attended.data();
+  mindglm::Attend(attention);
+  RunMlpBlock(block, attended.data(), static_cast<const float*>(params[6]), tokens, static_cast<float*>(params[19]));
+  return 0;
+}
+
+int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  const int logits = nparam - 2, fed_at = nparam - 1;
+  if (nparam < kNetworkShared + 2 || (ndims[7] != 1 && ndims[7] != 2) || ndims[logits] != 2 || ndims[fed_at] != 2)
+    return 1;
+  for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
+    if (i != 7 && ndims[i] != kNetworkRanks[i]) return 1;
+  const int64_t steps = ndims[7] == 2 ? shapes[7][0] : 1, rows = shapes[7][ndims[7] - 1], width = shapes[logits][1];
+  if (shapes[logits][0] != steps * rows || shapes[fed_at][0] != steps || shapes[fed_at][1] != rows) return 2;
+  // One step's arguments: logits_index [rows], logits [rows, V'] (the fed tokens are this entry's).
+  int64_t index_shape[] = {rows}, logits_shape[] = {rows, width};
+  thread_local std::vector<void*> view;
+  thread_local std::vector<int> view_ndims;
+  thread_local std::vector<int64_t*> view_shapes;
+  view.assign(params, params + fed_at), view_ndims.assign(ndims, ndims + fed_at);
+  view_shapes.assign(shapes, shapes + fed_at);
+  view_ndims[7] = 1, view_shapes[7] = index_shape, view_shapes[logits] = logits_shape;
+  float* out = static_cast<float*>(params[logits]);
+  float* fed = static_cast<float*>(params[fed_at]);
+  const int32_t *index = static_cast<const int32_t*>(params[7]), *ids = static_cast<const int32_t*>(params[0]);
+  if (steps == 1) {
+    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data())) return status;
+    for (int64_t i = 0; i < rows; ++i) fed[i] = float(ids[index[i]]);
+    return 0;
+  }
+  // K decode steps (see the top): checked before the first one runs, so that none can fail later.
+  const int64_t batch = shapes[0][0], keys = shapes[2][1], positions = shapes[10][0];
+  if (shapes[0][1] != 1 || rows != batch || shapes[4][0] != batch || shapes[5][0] != batch || shapes[6][0] != batch ||
+      shapes[6][1] != keys || shapes[1][2] != 1 || ndims[16] != 2 || shapes[16][0] > shapes[9][0])
+    return 2;
+  const int32_t *position = static_cast<const int32_t*>(params[1]), *last = static_cast<const int32_t*>(params[4]);
+  const int32_t *slot = static_cast<const int32_t*>(params[5]), *kv_slots = static_cast<const int32_t*>(params[6]);
+  for (int64_t k = 0; k < steps; ++k)
+    for (int64_t b = 0; b < batch; ++b)
+      if (index[k * batch + b] != b) return 2;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (last[b] < 0 || last[b] + steps > keys || position[b] < 0 || position[b] + steps > positions) return 3;
+    for (int64_t k = 1; k < steps; ++k)
+      if (kv_slots[b * keys + last[b] + k] != slot[b] + k) return 2;
+  }
+  thread_local std::vector<int32_t> now_ids, now_position, now_valid, now_last, now_slot;
+  const int32_t* key_valid = static_cast<const int32_t*>(params[2]);
+  now_ids.assign(ids, ids + batch), now_position.assign(position, position + batch);
+  now_valid.assign(key_valid, key_valid + batch * keys);
+  now_last.assign(last, last + batch), now_slot.assign(slot, slot + batch);
+  view[0] = now_ids.data(), view[1] = now_position.data(), view[2] = now_valid.data();
+  view[4] = now_last.data(), view[5] = now_slot.data();
+  for (int64_t k = 0; k < steps; ++k) {
+    view[logits] = out + k * rows * width;
+    for (int64_t b = 0; b < batch; ++b) fed[k * batch + b] = float(now_ids[b]);
+    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data())) return status;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* row = out + (k * rows + b) * width;
+      now_ids[b] = int32_t(std::max_element(row, row + width) - row);   // the first largest
+      now_position[b] += 1, now_slot[b] += 1, now_last[b] += 1;
+      now_valid[b * keys + now_last[b]] = 1;
+    }
+  }
   return 0;
 }
 }
