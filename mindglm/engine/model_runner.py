@@ -7,8 +7,10 @@ back, each token's key/value goes to its own sequence's cache row, and each quer
 own sequence's keys (the row's key axis lists every packed sequence's slots in turn, and
 query_first/query_last bound each query to its own). So eight short prompts cost one call over
 their real tokens, not eight calls each padded to a bucket. A decode step is every decoding row
-at once (padded to a row bucket). The window is the smallest window bucket that holds the keys
-read. `warmup()` compiles every reachable key once; after it no workload compiles anything more.
+at once (padded to a row bucket), and on a KernelStackStep network up to engine.decode_steps
+greedy steps of it in one call (DecodeSteps; the key's fourth element). The window is the
+smallest window bucket that holds the keys read. `warmup()` compiles every reachable key once;
+after it no workload compiles anything more.
 
 `ReferenceRunner` is the exact path (use_past: false): no cache, every step runs the network
 over each sequence's whole history in PyNative.
@@ -99,7 +101,7 @@ class ModelRunner:
         self.step = self.step_kind(network)
         # greedy decode steps one call may take (only the one-call network step can)
         self.decode_steps = engine_config.decode_steps if self.step_kind is KernelStackStep else 1
-        self.signatures = set()               # (rows, tokens, window) of each graph compiled
+        self.signatures = set()               # (rows, tokens, window, steps) of each graph compiled
         self.compiles = 0
 
     # ------------------------------------------------------------------ buckets
@@ -204,8 +206,7 @@ class ModelRunner:
             query_last[b, 0] = last_visible_key(slot, self.prefix + row.context_length)
             slots[b] = row.row * self.row_len + slot
             kv_slots[b] = row.row * self.row_len + np.arange(window)
-        logits_index = np.arange(rows) if steps == 1 else np.tile(np.arange(rows), (steps, 1))
-        out = self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots, logits_index)
+        out = self._decode_call(arrays, steps)
         if steps == 1:
             return list(out[:count])
         logits, fed = out
@@ -219,6 +220,13 @@ class ModelRunner:
         scratch = self.scratch_row * self.row_len
         return [np.full((rows, 1), self.config.pad_id), np.zeros((rows, channels, 1)), np.zeros((rows, window)),
                 np.zeros((rows, 1)), np.full(rows, scratch), np.full((rows, 1), scratch) + np.arange(window)]
+
+    def _decode_call(self, arrays, steps: int):
+        """Run a decode call of `steps` steps on _decode_inputs' arrays (filled in)."""
+        ids, positions, key_valid, query_last, slots, kv_slots = arrays
+        rows = ids.shape[0]
+        logits_index = np.arange(rows) if steps == 1 else np.tile(np.arange(rows), (steps, 1))
+        return self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots, logits_index)
 
     def release(self, request_id: str) -> None:
         """Nothing to do: a freed row's stale slots are never admitted by the mask."""
@@ -251,9 +259,7 @@ class ModelRunner:
             if (rows, tokens, window, steps) in self.signatures:
                 continue
             if tokens == 1:
-                ids, positions, key_valid, query_last, slots, kv_slots = self._decode_inputs(rows, window, channels)
-                logits_index = np.arange(rows) if steps == 1 else np.tile(np.arange(rows), (steps, 1))
-                self._run(ids, positions, key_valid, np.zeros((rows, 1)), query_last, slots, kv_slots, logits_index)
+                self._decode_call(self._decode_inputs(rows, window, channels), steps)
                 continue
             zeros = np.zeros
             self._run(np.full((rows, tokens), self.config.pad_id), zeros((rows, channels, tokens)),
