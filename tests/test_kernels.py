@@ -741,8 +741,8 @@ def test_network_step_matches_numpy():
     head = _random_layer(vocab, hidden, output_format)     # its argmax must be a token id
     base = np.arange(3, dtype=np.int32)[:, None] * 30
     decode = dict(ids=RNG.integers(0, vocab, (3, 1)).astype(np.int32), positions=np.int32([[[4]], [[9]], [[0]]]),
-                key_valid=(np.arange(11) <= np.int32([[5], [2], [7]])).astype(np.int32),
-                first=np.zeros((3, 1), np.int32), last=np.int32([[5], [2], [7]]), embedding=embedding,
+                key_valid=(np.arange(11) <= np.int32([[5], [2], [8]])).astype(np.int32),   # row 2: the window's end
+                first=np.zeros((3, 1), np.int32), last=np.int32([[5], [2], [8]]), embedding=embedding,
                 kv_slots=base + np.arange(11, dtype=np.int32), logits_index=np.tile(np.arange(3, dtype=np.int32), (3, 1)))
     decode["slot_mapping"] = (base[:, 0] + decode["last"][:, 0]).astype(np.int32)
     together = [layer["cache"].copy() for layer in layers]

@@ -393,7 +393,7 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
     view[logits] = out + k * rows * width;
     for (int64_t b = 0; b < batch; ++b) fed[k * batch + b] = float(now_ids[b]);
     if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data())) return status;
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = 0; k + 1 < steps && b < batch; ++b) {   // the next step's inputs (none after the last)
       const float* row = out + (k * rows + b) * width;
       now_ids[b] = int32_t(std::max_element(row, row + width) - row);   // the first largest
       now_position[b] += 1, now_slot[b] += 1, now_last[b] += 1;
