@@ -234,8 +234,18 @@ int RunLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, float
 constexpr int kNetworkShared = 19;
 constexpr int kNetworkRanks[] = {2, 3, 2, 2, 2, 1, 2, 1, 1, 2, 2, 2};
 
-// One step of MindglmNetworkStep: its arguments with logits_index [n] and the one output logits [n, V'].
-int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
+// What a step of MindglmNetworkStep reads before its layers, checked.
+struct NetworkInputs {
+  int64_t batch, seq, tokens, keys, vocab, hidden, positions, rotary, logit_rows;
+  const int32_t* formats;
+  const float* final_norm;
+  float eps;
+  LinearWeights head;
+};
+
+// The arguments of one step (logits_index [n], the one output logits [n, V']) up to the layers';
+// 0, or the error code. Nothing is written.
+int ReadNetworkInputs(int nparam, void** params, int* ndims, int64_t** shapes, NetworkInputs* in) {
   const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
   if (count < 1 || nparam != kNetworkShared + count * kStackPerLayer + 1) return 1;
   for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
@@ -252,12 +262,10 @@ int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
     return 2;
   const int32_t* formats = static_cast<const int32_t*>(params[8]);
   if (formats[0] != mindglm::kF16 && formats[0] != mindglm::kF32) return 2;
-  const float* final_norm;
-  float eps;
-  if (int status = mindglm::ReadNorm(params, ndims, shapes, 14, hidden, &final_norm, &eps)) return status;
-  LinearWeights head;
-  if (!mindglm::ReadLinear(params, ndims, shapes, 16, formats[1], hidden, &head) || shapes[out][0] != logit_rows ||
-      shapes[out][1] != head.n)
+  *in = NetworkInputs{batch, seq, tokens, keys, vocab, hidden, positions, rotary, logit_rows, formats};
+  if (int status = mindglm::ReadNorm(params, ndims, shapes, 14, hidden, &in->final_norm, &in->eps)) return status;
+  if (!mindglm::ReadLinear(params, ndims, shapes, 16, formats[1], hidden, &in->head) || shapes[out][0] != logit_rows ||
+      shapes[out][1] != in->head.n)
     return 2;
   const int32_t *ids = static_cast<const int32_t*>(params[0]), *position = static_cast<const int32_t*>(params[1]);
   const int32_t* logits_index = static_cast<const int32_t*>(params[7]);
@@ -265,13 +273,25 @@ int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
     if (ids[t] < 0 || ids[t] >= vocab || position[t] < 0 || position[t] >= positions) return 3;
   for (int64_t i = 0; i < logit_rows; ++i)
     if (logits_index[i] < 0 || logits_index[i] >= tokens) return 3;
+  return 0;
+}
+
+// One step of MindglmNetworkStep: its arguments with logits_index [n] and the one output logits [n, V'].
+int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
+  NetworkInputs in;
+  if (int status = ReadNetworkInputs(nparam, params, ndims, shapes, &in)) return status;
+  const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
+  const int64_t batch = in.batch, seq = in.seq, tokens = in.tokens, keys = in.keys, hidden = in.hidden;
+  const int64_t rotary = in.rotary, logit_rows = in.logit_rows;
+  const int32_t *ids = static_cast<const int32_t*>(params[0]), *position = static_cast<const int32_t*>(params[1]);
+  const int32_t* logits_index = static_cast<const int32_t*>(params[7]);
 
   // The layers' inputs: token rows of the embedding, rotary rows of the tables, the mask.
   thread_local std::vector<float> h, cos, sin, stacked, picked, normed;
   thread_local std::vector<uint8_t> allowed;
   h.resize(tokens * hidden), cos.resize(tokens * rotary), sin.resize(tokens * rotary);
   for (int64_t t = 0; t < tokens; ++t) {
-    mindglm::DenseRow(mindglm::Format(formats[0]), params[9], ids[t], hidden, h.data() + t * hidden);
+    mindglm::DenseRow(mindglm::Format(in.formats[0]), params[9], ids[t], hidden, h.data() + t * hidden);
     const int64_t at = int64_t(position[t]) * rotary;
     std::memcpy(cos.data() + t * rotary, static_cast<const float*>(params[10]) + at, sizeof(float) * rotary);
     std::memcpy(sin.data() + t * rotary, static_cast<const float*>(params[11]) + at, sizeof(float) * rotary);
@@ -303,8 +323,8 @@ int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
   picked.resize(logit_rows * hidden), normed.resize(logit_rows * hidden);
   for (int64_t i = 0; i < logit_rows; ++i)
     std::memcpy(picked.data() + i * hidden, stacked.data() + int64_t(logits_index[i]) * hidden, sizeof(float) * hidden);
-  mindglm::RmsNormRows(picked.data(), final_norm, eps, logit_rows, hidden, normed.data());
-  mindglm::LinearForward(head, normed.data(), logit_rows, static_cast<float*>(params[out]));
+  mindglm::RmsNormRows(picked.data(), in.final_norm, in.eps, logit_rows, hidden, normed.data());
+  mindglm::LinearForward(in.head, normed.data(), logit_rows, static_cast<float*>(params[out]));
   return 0;
 }
 
@@ -347,8 +367,6 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
   const int logits = nparam - 2, fed_at = nparam - 1;
   if (nparam < kNetworkShared + 2 || (ndims[7] != 1 && ndims[7] != 2) || ndims[logits] != 2 || ndims[fed_at] != 2)
     return 1;
-  for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
-    if (i != 7 && ndims[i] != kNetworkRanks[i]) return 1;
   const int64_t steps = ndims[7] == 2 ? shapes[7][0] : 1, rows = shapes[7][ndims[7] - 1], width = shapes[logits][1];
   if (shapes[logits][0] != steps * rows || shapes[fed_at][0] != steps || shapes[fed_at][1] != rows) return 2;
   // One step's arguments: logits_index [rows], logits [rows, V'] (the fed tokens are this entry's).
@@ -367,18 +385,19 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
     for (int64_t i = 0; i < rows; ++i) fed[i] = float(ids[index[i]]);
     return 0;
   }
-  // K decode steps (see the top): checked before the first one runs, so that none can fail later.
-  const int64_t batch = shapes[0][0], keys = shapes[2][1], positions = shapes[10][0];
-  if (shapes[0][1] != 1 || rows != batch || shapes[4][0] != batch || shapes[5][0] != batch || shapes[6][0] != batch ||
-      shapes[6][1] != keys || shapes[1][2] != 1 || ndims[16] != 2 || shapes[16][0] > shapes[9][0])
-    return 2;
+  // K decode steps (see the top): checked before the first one runs, so that none can fail later
+  // (each step checks its layers before it writes a cache, and they stay as they are).
+  NetworkInputs in;
+  if (int status = ReadNetworkInputs(fed_at, view.data(), view_ndims.data(), view_shapes.data(), &in)) return status;
+  const int64_t batch = in.batch, keys = in.keys;
+  if (in.seq != 1 || rows != batch || in.head.n > in.vocab) return 2;
   const int32_t *position = static_cast<const int32_t*>(params[1]), *last = static_cast<const int32_t*>(params[4]);
   const int32_t *slot = static_cast<const int32_t*>(params[5]), *kv_slots = static_cast<const int32_t*>(params[6]);
   for (int64_t k = 0; k < steps; ++k)
     for (int64_t b = 0; b < batch; ++b)
       if (index[k * batch + b] != b) return 2;
   for (int64_t b = 0; b < batch; ++b) {
-    if (last[b] < 0 || last[b] + steps > keys || position[b] < 0 || position[b] + steps > positions) return 3;
+    if (last[b] < 0 || last[b] + steps > keys || position[b] + steps > in.positions) return 3;
     for (int64_t k = 1; k < steps; ++k)
       if (kv_slots[b * keys + last[b] + k] != slot[b] + k) return 2;
   }
