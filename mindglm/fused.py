@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops import signature as sig
 
 from mindglm.models.base import Block
@@ -242,12 +242,25 @@ def fuse_blocks(network) -> list:
 
 
 # MindglmNetworkStep's arguments (block.cc): 19 shared, then 20 a layer, the keys and values 5th and 6th.
-STACK_SHARED, STACK_PER_LAYER, STACK_CACHE = 19, 20, (5, 6)
+STACK_SHARED, STACK_PER_LAYER, STACK_CACHE = 20, 20, (5, 6)
 
 
 def float32_operand(tensor):
     """`tensor` as the kernels read it: float32 (a norm weight kept in a float16 checkpoint's dtype)."""
     return tensor if tensor.dtype == ms.float32 else tensor.astype(ms.float32)
+
+
+def rounded_head(network) -> "Parameter | None":
+    """A float32 kernel output layer's weights rounded to bfloat16, as int16 bits (KernelStackStep's
+    greedy head); None for the other formats."""
+    from mindglm.quantize import WeightLinear
+    from mindglm.weight_formats import bfloat16_bits
+    if not isinstance(network.output, WeightLinear) or network.output.fmt != "float32":
+        return None
+    weight = network.output.weight.asnumpy()
+    rows = 4096   # a block at a time: no uint64 copy of the whole matrix
+    bits = np.concatenate([bfloat16_bits(weight[i:i + rows]) for i in range(0, weight.shape[0], rows)])
+    return Parameter(Tensor(bits.view(np.int16)), name="rounded_head", requires_grad=False)
 
 
 class KernelStackStep(nn.Cell):
@@ -267,9 +280,15 @@ class KernelStackStep(nn.Cell):
     2-core Zen 5, five interleaved runs: graph call minus matmul time 2.2 -> 1.8 ms). What is left
     is the graph launch itself: with a stub kernel that only streams 640 MB, ~1.8 ms (1.3 with 8
     arguments instead of this call's 179) against 0.5 ms without the stream. The blocks and their cells stay as they are: the uncached forward, the adapters and the
-    checkpoint see KernelBlocks."""
+    checkpoint see KernelBlocks.
 
-    def __init__(self, network):
+    `rounded_head` (rounded_head(), for a float32 output layer): its weights in bfloat16, half its
+    bytes, through which the greedy steps of a several-step call find each row's largest logit,
+    reading float32 rows only where the copy cannot decide (the kernel's LinearArgmaxRows): the
+    tokens of the full layer; those steps' logits are exact wherever they could be the largest and
+    approximations below it elsewhere. One-step calls (prefill, sampling) use the full layer."""
+
+    def __init__(self, network, rounded_head=None):
         super().__init__()
         from mindglm.quantize import FORMATS
         self.network = network
@@ -277,6 +296,7 @@ class KernelStackStep(nn.Cell):
         self.partner, self.sign = attention.partner, attention.sign
         embedding = {ms.float16: "float16", ms.float32: "float32"}[network.embedding.weight.dtype]
         self.formats = Tensor([FORMATS.index(embedding), FORMATS.index(network.output.fmt)], ms.int32)
+        self.rounded_head = Tensor(np.zeros((1, 1), np.int16)) if rounded_head is None else rounded_head
         count, vocab = len(network.layers), network.output.out_features
         written = {STACK_SHARED + layer * STACK_PER_LAYER + i for layer in range(count) for i in STACK_CACHE}
 
@@ -299,7 +319,7 @@ class KernelStackStep(nn.Cell):
         logits, fed = self.op(input_ids, position_ids, key_valid, query_first, query_last, slot_mapping, kv_slots,
                               logits_index, self.formats, network.embedding.weight, rotary.cos_table,
                               rotary.sin_table, self.partner, self.sign, float32_operand(final_norm.weight),
-                              final_norm.eps, *network.output.kernel_operands(), *operands)
+                              final_norm.eps, *network.output.kernel_operands(), self.rounded_head, *operands)
         if logits_index.ndim == 1:   # one step, as CompiledStep
             return logits
         return logits, fed

@@ -97,3 +97,12 @@ def pack_int4_along_n(q: np.ndarray) -> np.ndarray:
         raise CheckpointError(f"Ascend's int4 layout packs along the output axis, which is odd ({kn.shape[1]})")
     low, high = kn[:, 0::2].astype(np.uint8), kn[:, 1::2].astype(np.uint8)
     return ((high << 4) | (low & 0x0F)).astype(np.uint8).view(np.int8)
+
+
+def bfloat16_bits(weight: np.ndarray) -> np.ndarray:
+    """float32 `weight` rounded to the nearest bfloat16 (ties to even), as uint16 bits (its top 16
+    bits after rounding). Infinities and NaNs are cut, not rounded, so they stay non-finite."""
+    bits = np.ascontiguousarray(weight, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = np.where(np.isfinite(weight), rounded, bits >> 16)
+    return rounded.astype(np.uint16)

@@ -402,11 +402,17 @@ def test_decode_steps_give_the_tokens_of_one_step_a_call():
         engine.runner.execute = execute
         return [(seq.output_ids, seq.finish_reason) for seq in seqs], streams, calls
 
+    from mindglm.kernels.build import head_counters
     one, four = engine(1), engine(4)
     assert four.runner.decode_steps == 4 and one.runner.decode_steps == 1
+    # THUDM's int8 keeps the output layer float32: the several-step calls go through its bfloat16 copy
+    assert one.runner.rounded_head is None and four.runner.rounded_head.shape == (64, tiny_config().hidden_size)
     greedy = [(prompts[0], GenerationConfig(max_new_tokens=11), ()), (prompts[1], GenerationConfig(max_new_tokens=6), ())]
     want, want_streams, calls = run(one, greedy)
+    head_counters(reset=True)
     got, streams, multi_calls = run(four, greedy)
+    exact, given = head_counters(reset=True)
+    assert 0 < exact < given        # the copy decided some logits, float32 rows the rest
     assert got == want and streams == want_streams == [ids for ids, _ in want]
     assert len(set(want[0][0])) > 3                    # the weights give varied tokens
     assert set(calls) == {0, 1} and 4 in multi_calls and len(multi_calls) < len(calls)   # 0: prefill alone
@@ -644,6 +650,97 @@ def test_fused_block_kernels_match_numpy():
           [(tokens, heads, dim), (tokens, kv_heads, dim), (tokens, kv_heads, dim)], status=2)
 
 
+def _assert_greedy_rows(greedy, full):
+    """`greedy` logits rows are the greedy head's for `full` ones: the same first largest, exact
+    wherever they differ from being below the row's largest, and within the bfloat16 copy's error."""
+    best = full.argmax(-1)
+    np.testing.assert_array_equal(greedy.argmax(-1), best)
+    np.testing.assert_array_equal(greedy[np.arange(len(full)), best], full[np.arange(len(full)), best])
+    top = full.max(-1, keepdims=True)
+    approximate = greedy != full
+    assert (greedy[approximate] < np.broadcast_to(top, full.shape)[approximate]).all()
+    np.testing.assert_allclose(greedy, full, rtol=0, atol=2 ** -7 * float(np.abs(full).max()) + 1e-3)
+
+
+def test_bfloat16_bits_round_to_nearest_even():
+    """bfloat16_bits against the two bfloat16 neighbours of each float32 (its bits cut to 16, and
+    one up): the nearer, ties to the even one; overflow to infinity; NaN and infinities stay."""
+    from mindglm.weight_formats import bfloat16_bits
+    bits = RNG.integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32)
+    bits[:4] = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x00000001]   # ties (down, up to even), overflow, subnormal
+    w = bits.view(np.float32)
+    finite = np.isfinite(w)
+    got = bfloat16_bits(w).astype(np.uint32) << 16
+    with np.errstate(invalid="ignore"):
+        down = (bits & 0xFFFF0000).view(np.float32).astype(np.float64)
+        up = ((bits & 0xFFFF0000).astype(np.uint64) + 0x10000).astype(np.uint32).view(np.float32).astype(np.float64)
+        exact = w.astype(np.float64)
+    up = np.where(np.isinf(up), np.copysign(2.0 ** 128, down), up)   # past the largest bfloat16: 2^128 as IEEE rounds
+    distance_down, distance_up = np.abs(exact - down), np.abs(up - exact)
+    even_down = (bits >> 16) % 2 == 0
+    want = np.where((distance_down < distance_up) | ((distance_down == distance_up) & even_down),
+                    bits & 0xFFFF0000, ((bits & 0xFFFF0000).astype(np.uint64) + 0x10000).astype(np.uint32))
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert list(got[:4]) == [0x3F800000, 0x3F820000, 0x7F800000, 0]
+    assert not np.isfinite(got.view(np.float32)[~finite]).any()
+
+
+def test_greedy_head_finds_the_full_layers_largest_logit():
+    """LinearArgmaxRows (a float32 output layer through its bfloat16 copy, then float32 rows only
+    where the copy cannot decide) against the full float32 kernel on the same inputs: the same
+    first largest logit bit for bit, and every logit it left approximate below it — on random
+    heads (most logits decided by the copy), a cluster of near-ties and exact ties at the top
+    (rows equal in bfloat16, decided in float32: the first largest wins), non-finite weights
+    (their logits as the full layer's), 1 and 5 rows of x (the kernel's 4-row block and the rest),
+    odd sizes, a scale and bias, a long row (the two-rows-a-pass dot), and a head whose logits are
+    all within the copy's error (computed whole)."""
+    from mindglm.kernels.build import library_path
+    from mindglm.weight_formats import bfloat16_bits
+    library = library_path()
+
+    def both(x, w, scale, bias):
+        rounded = bfloat16_bits(w).view(np.int16)
+        (full,) = _call(library, "MatmulF32", [x, w, bias], [(len(x), len(w))])
+        (greedy,) = _call(library, "MatmulF32Greedy", [x, w, rounded, np.ones(len(w), np.float32) if scale is None
+                                                       else scale, bias], [(len(x), len(w))])
+        if scale is not None:   # MatmulF32 takes no scale: the reference scales its dots the kernel's way
+            (dots,) = _call(library, "MatmulF32", [x, w], [(len(x), len(w))])
+            full = (dots * scale + bias).astype(np.float32)
+        return greedy, full
+
+    for rows, n, k, shape in [(1, 5003, 1000, "random"), (5, 3001, 77, "ties"), (5, 2003, 130, "non-finite"),
+                              (3, 999, 64, "scaled"), (1, 301, 8200, "random"), (2, 500, 40, "all near")]:
+        x = RNG.standard_normal((rows, k)).astype(np.float32)
+        w = (RNG.standard_normal((n, k)) * 0.05).astype(np.float32)
+        scale, bias = None, np.zeros(n, np.float32)
+        if shape == "ties":       # rows 0..59: one row (the largest) with its low mantissa bits changed
+            w[0] = np.sign(x.sum(0)) * 0.5
+            w[1:60] = w[0] * (1 + RNG.integers(-40, 41, (59, 1)) * 2.0 ** -22)
+            w[[20, 41]] = w[9]    # exact ties with row 9
+        if shape == "non-finite":
+            w[7, 3], w[11, 0], w[13, 5] = np.inf, np.nan, -np.inf
+        if shape == "scaled":
+            scale = RNG.uniform(0.5, 2, n).astype(np.float32)
+            bias = RNG.standard_normal(n).astype(np.float32)
+        if shape == "all near":
+            w[:] = w[0] * (1 + RNG.integers(-40, 41, (n, 1)) * 2.0 ** -22)
+        greedy, full = both(x, w, scale, bias)
+        finite = np.isfinite(full).all(-1)
+        np.testing.assert_array_equal(np.isfinite(greedy), np.isfinite(full))
+        np.testing.assert_array_equal(greedy[~np.isfinite(full)], full[~np.isfinite(full)])
+        if shape == "non-finite":
+            assert not finite.any()
+            continue
+        _assert_greedy_rows(greedy, full)
+        decided = float((greedy != full).mean())
+        if shape == "all near":
+            assert decided == 0.0          # computed whole
+        else:
+            assert decided > 0.5, (shape, decided)
+        if shape == "ties":
+            assert (full.argmax(-1) < 60).all()
+
+
 def test_network_step_matches_numpy():
     """MindglmNetworkStep (the whole cached step in one call: embedding, rotary rows and mask, every
     layer writing its KV cache itself, final norm and output layer) against float64 numpy composed
@@ -677,12 +774,12 @@ def test_network_step_matches_numpy():
                            scales=np.float32([1 / np.sqrt(dim), float(RNG.uniform(0.5, 2))]),
                            cache=RNG.standard_normal((2, slots, kv_heads, dim)).astype(np.float32)))
 
-    def arguments(step, caches, codes, output=output):
+    def arguments(step, caches, codes, output=output, head_format=output_format, rounded=np.zeros((1, 1), np.int16)):
         args = [step[name] for name in ("ids", "positions", "key_valid", "first", "last", "slot_mapping", "kv_slots",
                                         "logits_index")]
         table = step["embedding"]
-        args += [np.int32([FORMATS.index(str(table.dtype)), FORMATS.index(output_format)]),
-                 table, cos_table, sin_table, partner, sign, final_norm, eps, *output]
+        args += [np.int32([FORMATS.index(str(table.dtype)), FORMATS.index(head_format)]),
+                 table, cos_table, sin_table, partner, sign, final_norm, eps, *output, rounded]
         for layer, cache, code in zip(layers, caches, codes):
             qkv, dense, up, down = layer["linears"]
             args += [layer["norms"][0], eps, *qkv, cache[0], cache[1], layer["scales"], code, *dense,
@@ -758,6 +855,23 @@ def test_network_step_matches_numpy():
                       key_valid=(np.arange(11) <= last).astype(np.int32))
     for a, b in zip(together, apart):
         np.testing.assert_array_equal(a, b)
+    # a float32 head with its bfloat16 copy: the same tokens fed, each row's largest logit exact
+    from mindglm.weight_formats import bfloat16_bits
+    w32, unit, bias = _random_layer(vocab, hidden, "float32")
+    head32 = (w32, unit, np.zeros_like(bias))
+    rounded = bfloat16_bits(w32).view(np.int16)
+    full, full_fed = _call(library, "MindglmNetworkStep",
+                           arguments(decode, [layer["cache"].copy() for layer in layers], codes, head32, "float32"),
+                           [(9, vocab), (3, 3)])
+    greedy, greedy_fed = _call(library, "MindglmNetworkStep",
+                               arguments(decode, [layer["cache"].copy() for layer in layers], codes, head32, "float32",
+                                         rounded), [(9, vocab), (3, 3)])
+    np.testing.assert_array_equal(greedy_fed, full_fed)
+    _assert_greedy_rows(greedy, full)
+    assert (greedy != full).any()     # the copy decided some logits
+    # refused: a copy of another shape than the head's ([1, 1]: none)
+    _call(library, "MindglmNetworkStep", arguments(decode, [layer["cache"].copy() for layer in layers], codes, head32,
+                                                   "float32", rounded[:, :-1]), [(9, vocab), (3, 3)], status=2)
     # refused before any step: a window too short for the steps (3), a slot not where the mask admits it (2)
     for change, status in [(dict(last=np.int32([[5], [2], [9]])), 3), (dict(slot_mapping=decode["slot_mapping"] + 1), 2)]:
         caches = [layer["cache"].copy() for layer in layers]

@@ -96,11 +96,12 @@ class CppEngine:
 class MindglmEngine:
     def __init__(self, model):
         self.model = model
+        self.head_exact = self.head_logits = 0
 
     def generate(self, prompt: np.ndarray, new_tokens: int):
         """(tokens, stamps, kernel seconds per decode step)."""
         from mindglm.generation.streamers import Streamer
-        from mindglm.kernels.build import kernel_counters
+        from mindglm.kernels.build import head_counters, kernel_counters
 
         class Stamps(Streamer):
             def __init__(self):
@@ -109,6 +110,7 @@ class MindglmEngine:
             def put(self, tokens):
                 if not self.stamps:
                     kernel_counters(reset=True)  # after prefill: count decode steps only
+                    head_counters(reset=True)
                 self.stamps.append(time.perf_counter())
 
             def end(self):
@@ -117,6 +119,7 @@ class MindglmEngine:
         streamer = Stamps()
         tokens = self.model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, streamer=streamer)
         kernel_s, _ = kernel_counters(reset=True)
+        self.head_exact, self.head_logits = head_counters(reset=True)
         return tokens, streamer.stamps, kernel_s / max(len(streamer.stamps) - 1, 1)
 
 
@@ -174,6 +177,9 @@ def compare(config, weights: dict, formats: list, prompt: np.ndarray, new_tokens
             token_ms = 1e3 / mg["median_run_tokens_per_s"]
             kernel_ms = float(np.median(kernel)) * 1e3 if kernel else 0.0
             entry["mindglm_breakdown_ms"] = {"token": token_ms, "kernels": kernel_ms, "rest": token_ms - kernel_ms}
+            head = engines["mindglm"]
+            if head.head_logits:   # a float32 head's greedy steps (decode_steps > 1): logits computed exactly
+                entry["mindglm_head_exact_per_step"] = head.head_exact / (head.head_logits / config.vocab_size)
             report[fmt] = entry
             print(f"{fmt}: mindglm {mg['decode_tokens_per_s']:.1f} tok/s, chatglm.cpp {cpp_type} "
                   f"{cpp['decode_tokens_per_s']:.1f} tok/s, ratio {entry['ratio']:.2f} "

@@ -30,7 +30,7 @@ from mindspore import Tensor, nn
 from mindglm.adapters.prefix import fill_prefix_slots, prefix_length, prefixed_mask_inputs
 from mindglm.engine.config import EngineConfig, bucket_for, powers_of_two_up_to
 from mindglm.engine.scheduler import StepPlan
-from mindglm.fused import KernelStackStep, fuse_blocks, stackable
+from mindglm.fused import KernelStackStep, fuse_blocks, rounded_head, stackable
 from mindglm.models.layers import last_visible_key
 
 # Most sequences one prefill call packs: its graph returns this many rows of logits.
@@ -42,7 +42,9 @@ class DecodeSteps:
     """One row's logits of several greedy decode steps in one call (EngineConfig.decode_steps):
     logits [steps, vocab] and fed [steps], the token each step was fed (fed[0] the row's own,
     then the argmax of the step before). Step k's logits are the row's next ones only if its
-    sampler chose fed[k] at step k - 1 (Engine keeps them while it does)."""
+    sampler chose fed[k] at step k - 1 (Engine keeps them while it does). Through a float32 output
+    layer's bfloat16 copy (KernelStackStep's rounded_head) a step's logits are exact wherever they
+    could be the largest and approximations below the largest elsewhere: for a greedy sampler."""
 
     logits: np.ndarray
     fed: np.ndarray
@@ -98,9 +100,11 @@ class ModelRunner:
         # a network of fused blocks alone steps through all its layers in one kernel call.
         fuse_blocks(network)
         self.step_kind = KernelStackStep if stackable(network) else CompiledStep
-        self.step = self.step_kind(network)
-        # greedy decode steps one call may take (only the one-call network step can)
+        # greedy decode steps one call may take (only the one-call network step can), through a
+        # bfloat16 copy of a float32 output layer when there are several (KernelStackStep)
         self.decode_steps = engine_config.decode_steps if self.step_kind is KernelStackStep else 1
+        self.rounded_head = rounded_head(network) if self.decode_steps > 1 else None
+        self.step = self._new_step()
         self.signatures = set()               # (rows, tokens, window, steps) of each graph compiled
         self.compiles = 0
 
@@ -245,9 +249,15 @@ class ModelRunner:
         except Exception:
             # MindSpore leaves a compiled graph that raised unusable ("Invalid output number for
             # flatten stub output nodes" on every later call); a fresh cell compiles anew.
-            self.step = self.step_kind(self.network)
+            self.step = self._new_step()
             self.signatures = set()
             raise
+
+    def _new_step(self):
+        """The cached step's cell (a fresh one compiles anew)."""
+        if self.step_kind is KernelStackStep:
+            return KernelStackStep(self.network, self.rounded_head)
+        return CompiledStep(self.network)
 
     def warmup(self) -> int:
         """Compile every reachable graph (on the scratch row, touching no sequence); returns how

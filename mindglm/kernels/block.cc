@@ -30,7 +30,7 @@
 //                      kv_slots [B, K] int32, logits_index [n] or [steps, B] int32, formats [2] int32
 //                      (embedding: float16 or float32; output layer), embedding [V, H],
 //                      cos_table [P, R], sin_table [P, R], partner [R] int32, sign [R], final norm [H],
-//                      eps [1], output (w, scale, bias),
+//                      eps [1], output (w, scale, bias), rounded output [V', H] int16 or [1, 1],
 //                      then for each layer: norm [H], eps [1], qkv (w, scale, bias), keys [N, KV, D],
 //                      values [N, KV, D], scales [2], formats [4] int32 (qkv, dense, up, down),
 //                      dense (w, scale, bias), norm [H], eps [1], up (w, scale, bias),
@@ -50,6 +50,9 @@
 //     window index query_last + 1 (kv_slots must name that slot there); fed[k] holds the tokens
 //     step k was fed. The engine keeps a row's step k only while its sampler chose what the
 //     kernel fed (mindglm/engine), so every token is the one a step at a time would give.
+//     There a float32 output layer with its bfloat16 copy (`rounded output`, [V', H]; [1, 1]: none)
+//     gives each logits row as LinearArgmaxRows does (layer.h): its first largest logit, and every
+//     logit that could be it, exactly those of the full layer, the others approximations below it.
 //
 // Each linear layer takes (w, scale, bias) with its format's index in mindglm/quantize.py's
 // FORMATS (float layers pass a unit scale and zero bias, which change no bit). Tokens go through
@@ -58,6 +61,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <vector>
 
 #include "layer.h"
@@ -231,7 +235,7 @@ int RunLayerStack(int nparam, void** params, int* ndims, int64_t** shapes, float
 }
 
 // MindglmNetworkStep's arguments before the layers', and the ranks of those up to the tables.
-constexpr int kNetworkShared = 19;
+constexpr int kNetworkShared = 20;
 constexpr int kNetworkRanks[] = {2, 3, 2, 2, 2, 1, 2, 1, 1, 2, 2, 2};
 
 // What a step of MindglmNetworkStep reads before its layers, checked.
@@ -241,6 +245,7 @@ struct NetworkInputs {
   const float* final_norm;
   float eps;
   LinearWeights head;
+  const uint16_t* rounded_head;   // [head.n, hidden], or null
 };
 
 // The arguments of one step (logits_index [n], the one output logits [n, V']) up to the layers';
@@ -248,7 +253,7 @@ struct NetworkInputs {
 int ReadNetworkInputs(int nparam, void** params, int* ndims, int64_t** shapes, NetworkInputs* in) {
   const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
   if (count < 1 || nparam != kNetworkShared + count * kStackPerLayer + 1) return 1;
-  for (int i = 0; i < kNetworkShared - 7; ++i)   // the inputs up to the tables; the rest their readers check
+  for (int i = 0; i < int(std::size(kNetworkRanks)); ++i)   // the inputs up to the tables; the rest their readers check
     if (ndims[i] != kNetworkRanks[i]) return 1;
   if (ndims[out] != 2) return 1;
   const int64_t batch = shapes[0][0], seq = shapes[0][1], tokens = batch * seq, keys = shapes[2][1];
@@ -267,6 +272,12 @@ int ReadNetworkInputs(int nparam, void** params, int* ndims, int64_t** shapes, N
   if (!mindglm::ReadLinear(params, ndims, shapes, 16, formats[1], hidden, &in->head) || shapes[out][0] != logit_rows ||
       shapes[out][1] != in->head.n)
     return 2;
+  in->rounded_head = nullptr;
+  if (ndims[19] != 2) return 1;
+  if (shapes[19][0] == in->head.n && shapes[19][1] == hidden)
+    in->rounded_head = static_cast<const uint16_t*>(params[19]);
+  else if (shapes[19][0] != 1 || shapes[19][1] != 1)
+    return 2;
   const int32_t *ids = static_cast<const int32_t*>(params[0]), *position = static_cast<const int32_t*>(params[1]);
   const int32_t* logits_index = static_cast<const int32_t*>(params[7]);
   for (int64_t t = 0; t < tokens; ++t)
@@ -276,8 +287,9 @@ int ReadNetworkInputs(int nparam, void** params, int* ndims, int64_t** shapes, N
   return 0;
 }
 
-// One step of MindglmNetworkStep: its arguments with logits_index [n] and the one output logits [n, V'].
-int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
+// One step of MindglmNetworkStep: its arguments with logits_index [n] and the one output logits
+// [n, V']; `greedy`: the logits of a greedy step (through the rounded head, if there is one).
+int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, bool greedy) {
   NetworkInputs in;
   if (int status = ReadNetworkInputs(nparam, params, ndims, shapes, &in)) return status;
   const int count = (nparam - kNetworkShared - 1) / kStackPerLayer, out = nparam - 1;
@@ -324,7 +336,10 @@ int NetworkStep(int nparam, void** params, int* ndims, int64_t** shapes) {
   for (int64_t i = 0; i < logit_rows; ++i)
     std::memcpy(picked.data() + i * hidden, stacked.data() + int64_t(logits_index[i]) * hidden, sizeof(float) * hidden);
   mindglm::RmsNormRows(picked.data(), in.final_norm, in.eps, logit_rows, hidden, normed.data());
-  mindglm::LinearForward(in.head, normed.data(), logit_rows, static_cast<float*>(params[out]));
+  float* logits = static_cast<float*>(params[out]);
+  if (!greedy || !in.rounded_head ||
+      !mindglm::LinearArgmaxRows(in.head, in.rounded_head, normed.data(), logit_rows, logits))
+    mindglm::LinearForward(in.head, normed.data(), logit_rows, logits);
   return 0;
 }
 
@@ -381,7 +396,7 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
   float* fed = static_cast<float*>(params[fed_at]);
   const int32_t *index = static_cast<const int32_t*>(params[7]), *ids = static_cast<const int32_t*>(params[0]);
   if (steps == 1) {
-    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data())) return status;
+    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data(), false)) return status;
     for (int64_t i = 0; i < rows; ++i) fed[i] = float(ids[index[i]]);
     return 0;
   }
@@ -411,7 +426,7 @@ int MindglmNetworkStep(int nparam, void** params, int* ndims, int64_t** shapes, 
   for (int64_t k = 0; k < steps; ++k) {
     view[logits] = out + k * rows * width;
     for (int64_t b = 0; b < batch; ++b) fed[k * batch + b] = float(now_ids[b]);
-    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data())) return status;
+    if (int status = NetworkStep(fed_at, view.data(), view_ndims.data(), view_shapes.data(), true)) return status;
     for (int64_t b = 0; k + 1 < steps && b < batch; ++b) {   // the next step's inputs (none after the last)
       const float* row = out + (k * rows + b) * width;
       now_ids[b] = int32_t(std::max_element(row, row + width) - row);   // the first largest

@@ -144,6 +144,15 @@ def kernel_counters(reset: bool = False) -> tuple:
     return lib.MindglmKernelNanos(int(reset)) / 1e9, lib.MindglmKernelCalls(int(reset))
 
 
+def head_counters(reset: bool = False) -> tuple:
+    """(logits the greedy head computed exactly, logits it gave) since the last reset: how often
+    its bfloat16 copy decided alone (KernelStackStep's rounded_head)."""
+    import ctypes
+    lib = ctypes.CDLL(library_path())
+    lib.MindglmHeadExact.restype = lib.MindglmHeadLogits.restype = ctypes.c_int64
+    return lib.MindglmHeadExact(int(reset)), lib.MindglmHeadLogits(int(reset))
+
+
 SIMD_LEVELS = ("scalar", "avx2", "avx512")
 
 

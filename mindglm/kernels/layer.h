@@ -23,6 +23,12 @@ struct LinearWeights {
 // x [m, k] -> y [m, n], threaded over output rows (linear.cc).
 void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float* y);
 
+// x [m, k] -> y [m, n] for a greedy step: each row's first largest value is that of
+// LinearForward's y, every value that could be it computed exactly (bit for bit LinearForward's),
+// the others from `rounded` [n, k], the weights rounded to bfloat16 (their top 16 bits), and
+// below the row's largest. float32 layers only: false (nothing written) for the other formats.
+bool LinearArgmaxRows(const LinearWeights& layer, const uint16_t* rounded, const float* x, int64_t m, float* y);
+
 // The layer (w [n, stride], scale [n], bias [n]) at params[i], i+1, i+2 of an AOT call, for
 // inputs of width k; false when the shapes do not fit the format (linear.cc).
 bool ReadLinear(void** params, int* ndims, int64_t** shapes, int i, int32_t format, int64_t k,

@@ -15,6 +15,7 @@
 // param is the output. Built by mindglm/kernels/build.py (g++, AVX2/FMA/F16C when present).
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -298,6 +299,9 @@ void Slice(void* ctx, int t, int tasks) {
 // Time spent inside the linear kernels, for the benchmark's breakdown (two clock reads per call).
 std::atomic<int64_t> kernel_nanos{0};
 std::atomic<int64_t> kernel_calls{0};
+// Logits the argmax rows computed exactly, of all they gave (the benchmark's report).
+std::atomic<int64_t> head_exact{0};
+std::atomic<int64_t> head_logits{0};
 
 template <class F>
 void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, float* y) {
@@ -340,6 +344,120 @@ void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, fl
   pool().Run(tasks, &Slice<F>, &job);
 }
 
+// ------------------------------------------------------------------------------- argmax rows
+// A greedy decode step needs, of the output layer, only each row's largest logit. A bfloat16 copy
+// of a float32 head (`rounded`: each weight rounded to its nearest bfloat16, as its top 16 bits)
+// gives every logit to within a bound (below) at half the head's bytes; the float32 weights are
+// then read only for the logits that can still be the largest. On the `small` model the head is
+// 43% of a decode step's weight bytes (266 of 618 MB); on the 6B one 4%.
+inline float RoundedToFloat(uint16_t r) {
+  const uint32_t bits = uint32_t(r) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// For MB rows of x (and of |x|, `x_abs`): approx[m] = sum_i r_i x_mi and spread[m] = sum_i |r_i| |x_mi|,
+// fused multiply-adds in float32 (the bound allows for their rounding).
+inline __m256 Rounded8(const uint16_t* r) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))), 16));
+}
+
+template <int MB>
+void RoundedDot(const uint16_t* r, const float* x, const float* x_abs, int64_t ldx, int64_t k, float* approx,
+                float* spread) {
+  int64_t i = 0;
+  for (int m = 0; m < MB; ++m) approx[m] = spread[m] = 0.0f;
+#ifdef MG_AVX512
+  {  // 16 lanes: the widening to float32 is most of this loop's work (AVX2: 3.5 against 2.6 ms a small head)
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 a[MB], s[MB];
+    for (int m = 0; m < MB; ++m) a[m] = s[m] = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+      PrefetchAhead(r, i * 2, 32);
+      const __m512 w = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i))), 16));
+      const __m512 w_abs = _mm512_and_ps(w, magnitude);
+      for (int m = 0; m < MB; ++m) {
+        a[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * ldx + i), a[m]);
+        s[m] = _mm512_fmadd_ps(w_abs, _mm512_loadu_ps(x_abs + m * ldx + i), s[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) approx[m] = _mm512_reduce_add_ps(a[m]), spread[m] = _mm512_reduce_add_ps(s[m]);
+  }
+#endif
+#ifdef MG_AVX2
+  {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 a[MB], s[MB];
+    for (int m = 0; m < MB; ++m) a[m] = s[m] = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) {
+      PrefetchAhead(r, i * 2, 16);
+      const __m256 w = Rounded8(r + i), w_abs = _mm256_and_ps(w, magnitude);
+      for (int m = 0; m < MB; ++m) {
+        a[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + i), a[m]);
+        s[m] = _mm256_fmadd_ps(w_abs, _mm256_loadu_ps(x_abs + m * ldx + i), s[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) approx[m] += HSum(a[m]), spread[m] += HSum(s[m]);
+  }
+#endif
+  for (; i < k; ++i) {
+    const float w = RoundedToFloat(r[i]);
+    for (int m = 0; m < MB; ++m) {
+      approx[m] += w * x[m * ldx + i];
+      spread[m] += std::fabs(w) * x_abs[m * ldx + i];
+    }
+  }
+}
+
+struct RoundedJob {
+  const uint16_t* rounded;  // [n, k]
+  const float *x, *x_abs;   // [m, k]
+  int64_t m, n, k;
+  float *approx, *spread;   // [m, n]
+};
+
+void RoundedSlice(void* ctx, int t, int tasks) {
+  const RoundedJob& job = *static_cast<const RoundedJob*>(ctx);
+  int64_t per = ((job.n + tasks - 1) / tasks + 7) / 8 * 8;
+  int64_t begin = per * t, end = begin + per < job.n ? begin + per : job.n;
+  float a[4], s[4];
+  for (int64_t row = begin; row < end; ++row) {
+    const uint16_t* r = job.rounded + row * job.k;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= job.m; m0 += 4) {
+      RoundedDot<4>(r, job.x + m0 * job.k, job.x_abs + m0 * job.k, job.k, job.k, a, s);
+      for (int i = 0; i < 4; ++i) job.approx[(m0 + i) * job.n + row] = a[i], job.spread[(m0 + i) * job.n + row] = s[i];
+    }
+    for (; m0 < job.m; ++m0) {
+      RoundedDot<1>(r, job.x + m0 * job.k, job.x_abs + m0 * job.k, job.k, job.k, a, s);
+      job.approx[m0 * job.n + row] = a[0], job.spread[m0 * job.n + row] = s[0];
+    }
+  }
+}
+
+// y[b, row] exactly as Multiply<F> writes it for an x of job.m rows (the same dot, row block and
+// pairing: Slice's), for one output.
+template <class F>
+float OneOutput(const Job& job, int64_t row, int64_t b) {
+  float out[4];
+  if constexpr (!std::is_same<F, I4>::value) {
+    // Slice pairs rows from each slice's start (a multiple of 8): only an odd n's last row is alone.
+    if (job.m == 1 && job.k >= kPairColumns && !(job.n % 2 == 1 && row == job.n - 1)) {
+      const auto* w = static_cast<const typename F::T*>(job.w) + row * job.stride;
+      DotDensePair<F>(w, w, job.x, job.k, out);
+      return Finish(job, row, out[0]);
+    }
+  }
+  if (b < job.m / 4 * 4) {
+    DotRows<F, 4>(job, row, b / 4 * 4, out);
+    return Finish(job, row, out[b % 4]);
+  }
+  DotRows<F, 1>(job, row, b, out);
+  return Finish(job, row, out[0]);
+}
+
 // Whether a weight stored `stride` elements a row holds rows of k inputs in `format` (int4: two a byte).
 bool FitsFormat(mindglm::Format format, int64_t k, int64_t stride) {
   return format == mindglm::kInt4 ? k % 2 == 0 && stride == k / 2 : stride == k;
@@ -376,6 +494,78 @@ void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float*
   kernel_calls.fetch_add(1, std::memory_order_relaxed);
 }
 
+bool LinearArgmaxRows(const LinearWeights& layer, const uint16_t* rounded, const float* x, int64_t m, float* y) {
+  if (layer.format != kF32) return false;
+  auto start = std::chrono::steady_clock::now();
+  const int64_t n = layer.n, k = layer.k;
+  thread_local std::vector<float> x_abs, radius;
+  x_abs.resize(static_cast<size_t>(m * k)), radius.resize(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m * k; ++i) x_abs[i] = std::fabs(x[i]);
+  RoundedJob rounded_job{rounded, x, x_abs.data(), m, n, k, y, radius.data()};
+  int tasks = 1;
+  if (n * k * 2 >= ParallelBytes()) tasks = pool().threads() < (n + 7) / 8 ? pool().threads() : int((n + 7) / 8);
+  pool().Run(tasks, &RoundedSlice, &rounded_job);
+  // The bound. With u = 2^-24 and g = (k + 2) u / (1 - (k + 2) u), for a logit's dot product
+  // D = fl(sum w_i x_i) in the float32 kernel and its approximation A = fl(sum r_i x_i):
+  //   |w_i - r_i| <= 2^-8 |r_i| + 2^-134 (round to nearest; the second term for subnormals),
+  //   |A - sum r_i x_i| <= g S and |D - sum w_i x_i| <= g (1 + 2^-8) S, S = sum |r_i| |x_i|,
+  //   S <= spread / (1 - g) (spread: S summed in float32),
+  // so |D - A| <= c spread + 2^-134 sum |x_i|, c = (2^-8 + g (2 + 2^-8)) / (1 - g). Then the scale
+  // and bias (Finish: a rounding of at most u of each result, 5 u |value| + 5 u |A scale| covers
+  // them and the float32 arithmetic of the bound itself, which the factor 1 + 2^-10 covers too).
+  // A logit is computed exactly (OneOutput) where its upper bound reaches the row's largest lower
+  // bound, where a bound is not finite, or where it is huge; every other is left at its
+  // approximation, below the row's largest logit, so that the row's first largest is the exact one's.
+  const double u = std::ldexp(1.0, -24), g = (k + 2) * u / (1 - (k + 2) * u);
+  const float c = float((std::ldexp(1.0, -8) + g * (2 + std::ldexp(1.0, -8))) / (1 - g) * (1 + 1e-6));
+  const float five_u = float(5 * u), slack = 1.0f + 1.0f / 1024;
+  constexpr float kLargest = 3.4028235e38f, kHuge = 1e37f;
+  thread_local std::vector<float> floor;
+  floor.assign(static_cast<size_t>(m), -kLargest);
+  for (int64_t b = 0; b < m; ++b) {
+    float* value = y + b * n;
+    float* r = radius.data() + b * n;   // spread in, radius out
+    float x_sum = 0.0f;
+    for (int64_t i = 0; i < k; ++i) x_sum += x_abs[b * k + i];
+    const float absolute = std::ldexp(x_sum * slack, -134);
+    float best = -kLargest;
+    for (int64_t v = 0; v < n; ++v) {
+      const float scale = layer.scale ? layer.scale[v] : 1.0f, bias = layer.bias ? layer.bias[v] : 0.0f;
+      const float scaled = value[v] * scale, finished = scaled + bias;
+      const float bound = (std::fabs(scale) * (c * r[v] + absolute) + five_u * (std::fabs(finished) + std::fabs(scaled))) * slack;
+      const float lower = finished - bound;
+      value[v] = finished, r[v] = bound;
+      best = std::fabs(lower) <= kLargest && lower > best ? lower : best;
+    }
+    floor[b] = best;
+  }
+  auto exact = [&](int64_t b, int64_t v) {
+    const float value = y[b * n + v], high = value + radius[b * n + v];
+    return !(std::fabs(high) <= kLargest) || high >= floor[b] || std::fabs(value) > kHuge;
+  };
+  // The logits to compute exactly; past an eighth of the head, reading it whole costs less.
+  int64_t count = 0;
+  for (int64_t b = 0; b < m; ++b)
+    for (int64_t v = 0; v < n; ++v) count += exact(b, v);
+  if (count * 8 > m * n) {
+    Multiply<F32>(layer, x, m, y);
+    count = m * n;
+  } else {
+    Job job{};
+    job.x = x, job.ldx = k, job.w = layer.w, job.stride = job.k = k, job.scale = layer.scale, job.bias = layer.bias;
+    job.y = y, job.m = m, job.n = n;
+    for (int64_t b = 0; b < m; ++b)
+      for (int64_t v = 0; v < n; ++v)
+        if (exact(b, v)) y[b * n + v] = OneOutput<F32>(job, v, b);
+  }
+  head_exact.fetch_add(count, std::memory_order_relaxed);
+  head_logits.fetch_add(m * n, std::memory_order_relaxed);
+  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 void DenseRow(Format format, const void* table, int64_t row, int64_t n, float* out) {
   if (format == kF32) {
     std::memcpy(out, static_cast<const float*>(table) + row * n, sizeof(float) * n);
@@ -410,12 +600,34 @@ int MatmulInt8(int nparam, void** params, int* ndims, int64_t** shapes, const ch
 int MatmulInt4(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
   return Launch(mindglm::kInt4, nparam, params, ndims, shapes);
 }
+// (x [m, k], w [n, k] float32, rounded [n, k] int16 (bfloat16 bits), scale [n], bias [n]) -> y [m, n]
+// through LinearArgmaxRows, for tests (the network step calls it itself).
+int MatmulF32Greedy(int nparam, void** params, int* ndims, int64_t** shapes, const char**, void*, void*) {
+  if (nparam != 6 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 1 || ndims[4] != 1 || ndims[5] != 2)
+    return 1;
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  if (shapes[1][1] != k || shapes[2][0] != n || shapes[2][1] != k || shapes[3][0] != n || shapes[4][0] != n ||
+      shapes[5][0] != m || shapes[5][1] != n)
+    return 2;
+  mindglm::LinearWeights layer{mindglm::kF32, params[1], n, k, static_cast<const float*>(params[3]),
+                               static_cast<const float*>(params[4])};
+  mindglm::LinearArgmaxRows(layer, static_cast<const uint16_t*>(params[2]), static_cast<const float*>(params[0]), m,
+                            static_cast<float*>(params[5]));
+  return 0;
+}
 // Nanoseconds spent in the kernels and number of calls since the last reset (benchmarks).
 int64_t MindglmKernelNanos(int reset) {
   return reset ? kernel_nanos.exchange(0) : kernel_nanos.load();
 }
 int64_t MindglmKernelCalls(int reset) {
   return reset ? kernel_calls.exchange(0) : kernel_calls.load();
+}
+// Logits LinearArgmaxRows computed exactly, and all it gave, since the last reset.
+int64_t MindglmHeadExact(int reset) {
+  return reset ? head_exact.exchange(0) : head_exact.load();
+}
+int64_t MindglmHeadLogits(int reset) {
+  return reset ? head_logits.exchange(0) : head_logits.load();
 }
 // The kernels' compile-time SIMD level, for tests and the benchmark report: 0 scalar, 1 AVX2, 2 AVX-512.
 int MindglmKernelsSimd() {
