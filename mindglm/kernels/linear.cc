@@ -266,12 +266,27 @@ inline float Finish(const Job& job, int64_t row, float dot) {
   return dot * (job.scale ? job.scale[row] : 1.0f) + (job.bias ? job.bias[row] : 0.0f);
 }
 
+// Task t's output rows [begin, end) of n: contiguous blocks, multiples of 8 so that threads never
+// share a cache line of y.
+inline void TaskRows(int64_t n, int t, int tasks, int64_t* begin, int64_t* end) {
+  const int64_t per = ((n + tasks - 1) / tasks + 7) / 8 * 8;
+  *begin = per * t;
+  *end = *begin + per < n ? *begin + per : n;
+}
+
+// Tasks for n output rows reading `bytes` of weights: one below ParallelBytes, else a thread each
+// (at most one per block of 8 rows).
+inline int Tasks(int64_t n, int64_t bytes) {
+  if (bytes < ParallelBytes()) return 1;
+  const int64_t by_rows = (n + 7) / 8;
+  return pool().threads() < by_rows ? pool().threads() : static_cast<int>(by_rows);
+}
+
 template <class F>
 void Slice(void* ctx, int t, int tasks) {
   const Job& job = *static_cast<const Job*>(ctx);
-  // Contiguous blocks of output rows, multiples of 8 so threads never share a cache line of y.
-  int64_t per = ((job.n + tasks - 1) / tasks + 7) / 8 * 8;
-  int64_t begin = per * t, end = begin + per < job.n ? begin + per : job.n;
+  int64_t begin, end;
+  TaskRows(job.n, t, tasks, &begin, &end);
   if constexpr (!std::is_same<F, I4>::value) {
     if (job.m == 1 && job.k >= kPairColumns) {
       for (; begin + 2 <= end; begin += 2) {
@@ -299,20 +314,28 @@ void Slice(void* ctx, int t, int tasks) {
 // Time spent inside the linear kernels, for the benchmark's breakdown (two clock reads per call).
 std::atomic<int64_t> kernel_nanos{0};
 std::atomic<int64_t> kernel_calls{0};
+
+// Counts a kernel call that began at `start`.
+void CountKernelCall(std::chrono::steady_clock::time_point start) {
+  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
+  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+}
 // Logits the argmax rows computed exactly, of all they gave (the benchmark's report).
 std::atomic<int64_t> head_exact{0};
 std::atomic<int64_t> head_logits{0};
 
+// The job of y = layer(x) for the dense formats (Multiply changes x, stride and k for int4).
+Job DenseJob(const mindglm::LinearWeights& layer, const float* x, int64_t m, float* y) {
+  Job job{};
+  job.x = x, job.ldx = layer.k, job.w = layer.w, job.stride = job.k = layer.k;
+  job.scale = layer.scale, job.bias = layer.bias, job.y = y, job.m = m, job.n = layer.n;
+  return job;
+}
+
 template <class F>
 void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, float* y) {
-  Job job{};
-  job.m = m;
-  job.n = layer.n;
-  job.w = layer.w;
-  job.scale = layer.scale;
-  job.bias = layer.bias;
-  job.y = y;
-  job.ldx = layer.k;
+  Job job = DenseJob(layer, x, m, y);
   int64_t bytes_per_row;
   thread_local std::vector<float> split;
   if constexpr (std::is_same<F, I4>::value) {
@@ -328,20 +351,13 @@ void Multiply(const mindglm::LinearWeights& layer, const float* x, int64_t m, fl
         dst[half + j] = src[2 * j + 1];
       }
     }
-    x = split.data();
+    job.x = split.data();
     job.stride = job.k = half;
     bytes_per_row = half;
   } else {
-    job.stride = job.k = layer.k;
     bytes_per_row = layer.k * int64_t(sizeof(typename F::T));
   }
-  job.x = x;
-  int tasks = 1;
-  if (job.n * bytes_per_row * (job.m < 4 ? 1 : 4) >= ParallelBytes()) {
-    int64_t by_rows = (job.n + 7) / 8;
-    tasks = pool().threads() < by_rows ? pool().threads() : static_cast<int>(by_rows);
-  }
-  pool().Run(tasks, &Slice<F>, &job);
+  pool().Run(Tasks(job.n, job.n * bytes_per_row * (job.m < 4 ? 1 : 4)), &Slice<F>, &job);
 }
 
 // ------------------------------------------------------------------------------- argmax rows
@@ -357,11 +373,14 @@ inline float RoundedToFloat(uint16_t r) {
   return f;
 }
 
-// For MB rows of x (and of |x|, `x_abs`): approx[m] = sum_i r_i x_mi and spread[m] = sum_i |r_i| |x_mi|,
-// fused multiply-adds in float32 (the bound allows for their rounding).
+#ifdef MG_AVX2
 inline __m256 Rounded8(const uint16_t* r) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))), 16));
 }
+#endif
+
+// For MB rows of x (and of |x|, `x_abs`): approx[m] = sum_i r_i x_mi and spread[m] = sum_i |r_i| |x_mi|,
+// fused multiply-adds in float32 (the bound allows for their rounding).
 
 template <int MB>
 void RoundedDot(const uint16_t* r, const float* x, const float* x_abs, int64_t ldx, int64_t k, float* approx,
@@ -420,8 +439,8 @@ struct RoundedJob {
 
 void RoundedSlice(void* ctx, int t, int tasks) {
   const RoundedJob& job = *static_cast<const RoundedJob*>(ctx);
-  int64_t per = ((job.n + tasks - 1) / tasks + 7) / 8 * 8;
-  int64_t begin = per * t, end = begin + per < job.n ? begin + per : job.n;
+  int64_t begin, end;
+  TaskRows(job.n, t, tasks, &begin, &end);
   float a[4], s[4];
   for (int64_t row = begin; row < end; ++row) {
     const uint16_t* r = job.rounded + row * job.k;
@@ -489,9 +508,7 @@ void LinearForward(const LinearWeights& layer, const float* x, int64_t m, float*
     case kF16: Multiply<F16>(layer, x, m, y); break;
     case kF32: Multiply<F32>(layer, x, m, y); break;
   }
-  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
-  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  CountKernelCall(start);
 }
 
 bool LinearArgmaxRows(const LinearWeights& layer, const uint16_t* rounded, const float* x, int64_t m, float* y) {
@@ -502,9 +519,7 @@ bool LinearArgmaxRows(const LinearWeights& layer, const uint16_t* rounded, const
   x_abs.resize(static_cast<size_t>(m * k)), radius.resize(static_cast<size_t>(m * n));
   for (int64_t i = 0; i < m * k; ++i) x_abs[i] = std::fabs(x[i]);
   RoundedJob rounded_job{rounded, x, x_abs.data(), m, n, k, y, radius.data()};
-  int tasks = 1;
-  if (n * k * 2 >= ParallelBytes()) tasks = pool().threads() < (n + 7) / 8 ? pool().threads() : int((n + 7) / 8);
-  pool().Run(tasks, &RoundedSlice, &rounded_job);
+  pool().Run(Tasks(n, n * k * 2), &RoundedSlice, &rounded_job);
   // The bound. With u = 2^-24 and g = (k + 2) u / (1 - (k + 2) u), for a logit's dot product
   // D = fl(sum w_i x_i) in the float32 kernel and its approximation A = fl(sum r_i x_i):
   //   |w_i - r_i| <= 2^-8 |r_i| + 2^-134 (round to nearest; the second term for subnormals),
@@ -551,18 +566,14 @@ bool LinearArgmaxRows(const LinearWeights& layer, const uint16_t* rounded, const
     Multiply<F32>(layer, x, m, y);
     count = m * n;
   } else {
-    Job job{};
-    job.x = x, job.ldx = k, job.w = layer.w, job.stride = job.k = k, job.scale = layer.scale, job.bias = layer.bias;
-    job.y = y, job.m = m, job.n = n;
+    const Job job = DenseJob(layer, x, m, y);
     for (int64_t b = 0; b < m; ++b)
       for (int64_t v = 0; v < n; ++v)
         if (exact(b, v)) y[b * n + v] = OneOutput<F32>(job, v, b);
   }
   head_exact.fetch_add(count, std::memory_order_relaxed);
   head_logits.fetch_add(m * n, std::memory_order_relaxed);
-  kernel_nanos.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-      std::chrono::steady_clock::now() - start).count(), std::memory_order_relaxed);
-  kernel_calls.fetch_add(1, std::memory_order_relaxed);
+  CountKernelCall(start);
   return true;
 }
 
